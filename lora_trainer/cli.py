@@ -1,0 +1,196 @@
+"""python -m lora_trainer train|check|caption|demo|merge|ui ..."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, TrainConfig, field_meta, from_dict, load_yaml
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Every config key is also a flag of the same name; flags override the YAML file."""
+    group = parser.add_argument_group("config keys (override the YAML file)")
+    for name, meta in field_meta().items():
+        help_text = meta["help"]
+        if meta.get("choices"):
+            help_text += f" [{', '.join(map(str, meta['choices']))}]"
+        help_text += f" (default: {meta['default']!r})"
+        group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, metavar="VALUE", nargs="?", const="true",
+                           help=help_text.replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if getattr(args, "config", None):
+        return load_yaml(args.config, overrides)
+    return from_dict(overrides, source="command line")
+
+
+class ProgressPrinter:
+    """Renders training events on a terminal: a tqdm bar with loss / lr / it/s, and messages."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if event.kind == "step":
+            if self.bar is None:
+                self.bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step", dynamic_ncols=True)
+            self.bar.update(event.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch)
+            return
+        text = event.message or (event.path or "")
+        if event.kind == "sample":
+            text = f"sample: {event.path}"
+        if not text:
+            return
+        prefix = {"failed": "error: ", "stopped": "stopped: "}.get(event.kind, "")
+        if self.bar is not None:
+            self.bar.write(prefix + text)
+        else:
+            print(prefix + text, flush=True)
+        if event.kind in ("finished", "failed", "stopped") and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_training(cfg: TrainConfig) -> int:
+    from .train.control import StopFlag, stop_on_signals
+    from .train.events import EventBus
+
+    events = EventBus()
+    events.subscribe(ProgressPrinter())
+    stop = StopFlag()
+    with stop_on_signals(stop):
+        if cfg.task_type == "text-generation":
+            from .text import train_text
+
+            train_text(cfg, events, stop)
+            return 0
+        from .train.trainer import Trainer, TrainingFailed
+
+        try:
+            result = Trainer(cfg, events, stop).run()
+        except TrainingFailed:
+            return 1
+    if result.status == "finished":
+        name = result.lora_path.stem
+        print(f"\nDone: {result.lora_path}\nCopy it into your WebUI's models/Lora folder and prompt with "
+              f"<lora:{name}:0.8>, or in diffusers: pipe.load_lora_weights('{result.lora_path}')")
+    return 0 if result.status == "finished" else 130
+
+
+def cmd_train(args) -> int:
+    cfg = config_from_args(args)
+    return run_training(cfg)
+
+
+def cmd_check(args) -> int:
+    from .data import run_check
+
+    return run_check(config_from_args(args))
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo_config
+
+    cfg = demo_config(Path(args.output_dir), family=args.family, steps=args.steps)
+    print(f"demo: training a {args.family.upper()} LoRA on the bundled sample images with a built-in tiny base model "
+          f"(random weights, offline). Output: {cfg.output_dir}")
+    return run_training(cfg)
+
+
+def cmd_merge(args) -> int:
+    from .text import merge_adapter
+
+    path = merge_adapter(args.adapter, args.output, base_model=args.base_model)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_trainer",
+                                     description="Train LoRA adapters (SD1, SD2, SDXL, text-generation).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA from a YAML config (flags override its keys)")
+    p.add_argument("--config", "-c", help="YAML config file")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems")
+    p.add_argument("--config", "-c", help="YAML config file")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("caption", help="autotag a folder of images (CLIP zero-shot tagger)")
+    try:
+        from .caption.cli import add_caption_arguments, run_caption
+
+        add_caption_arguments(p)
+        p.set_defaults(func=run_caption)
+    except ImportError as e:  # pragma: no cover - only when the caption package is broken
+        p.set_defaults(func=lambda a, e=e: (print(f"caption is unavailable: {e}"), 1)[1])
+
+    p = sub.add_parser("demo", help="train on the bundled sample images with a built-in tiny model (offline)")
+    p.add_argument("--output_dir", default="output/demo")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    p.add_argument("--steps", type=int, default=60)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("merge", help="merge a text-generation LoRA adapter into its base model")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--base_model", default=None)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("ui", help="serve the Train LoRA tab outside a WebUI")
+    p.add_argument("--base_model", required=False)
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--lora_dir", default="models/Lora")
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def cmd_ui(args) -> int:
+    try:
+        from .ui.standalone import serve
+    except ImportError as e:
+        print(f"the UI is not available yet in this build: {e}")
+        return 2
+    return serve(args)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line a person can act on, not a traceback, for the errors we anticipate
+        from .models.loader import ModelLoadError
+
+        known = [ModelLoadError]
+        try:
+            from .data import DatasetError
+
+            known.append(DatasetError)
+        except ImportError:
+            pass
+        if isinstance(e, tuple(known)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""TrainConfig: every option, its default and its validation; YAML load and save.
+
+The single source of truth for the CLI, the WebUI tab and the metadata written into the LoRA file.
+Only stdlib and yaml are imported here (design.md), so every layer can use it cheaply.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value a person has to fix; the message names the key, the value and what is allowed."""
+
+
+def _opt(default, help: str, choices=None, min=None, max=None, group: str = "advanced"):
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "group": group}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------
+    task_type: str = _opt("text-to-image", "text-to-image (Stable Diffusion LoRA) or text-generation (causal LM LoRA)",
+                          choices=["text-to-image", "text-generation"], group="model")
+    base_model: Optional[str] = _opt(None, "single-file checkpoint (.safetensors/.ckpt), diffusers folder or hub id",
+                                     group="model")
+    model_family: str = _opt("auto", "model family; auto detects it from the weights",
+                             choices=["auto", "sd1", "sd2", "sdxl"], group="model")
+    v_parameterization: Union[bool, str] = _opt("auto", "v-prediction model (SD2 768-v); auto reads it from the "
+                                                 "model's config or yaml", group="model")
+    vae: Optional[str] = _opt(None, "optional VAE file or folder that replaces the checkpoint's VAE")
+    clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
+                          min=1, max=12)
+
+    # --- data ------------------------------------------------------------------------------------
+    train_data_dir: Optional[str] = _opt(None, "folder of training images (sidecar .txt captions, metadata.csv or "
+                                         "N_name repeat folders)", group="data")
+    metadata_path: Optional[str] = _opt(None, "CSV with file_name,caption rows (header optional)", group="data")
+    caption_extension: str = _opt(".txt", "extension of sidecar caption files")
+    reg_data_dir: Optional[str] = _opt(None, "regularization images (prior preservation)")
+    reg_weight: float = _opt(1.0, "loss weight of regularization images", min=0.0)
+    num_repeats: int = _opt(1, "repeats for images not in an N_name folder", min=1)
+    resolution: Union[int, str, list] = _opt(512, "training resolution: 512, or width,height", group="basic")
+    enable_bucket: bool = _opt(True, "aspect-ratio bucketing")
+    min_bucket_reso: int = _opt(256, "smallest bucket side", min=64)
+    max_bucket_reso: int = _opt(1024, "largest bucket side", min=64)
+    bucket_reso_steps: int = _opt(64, "bucket side step", min=8)
+    bucket_no_upscale: bool = _opt(True, "never upscale an image to fill a larger bucket")
+    random_crop: bool = _opt(False, "random instead of center crop into the bucket")
+    flip_aug: bool = _opt(False, "random horizontal flip (disables latent caching)")
+    alpha_background: str = _opt("white", "colour transparent images are composited on: white, black or #rrggbb")
+    shuffle_caption: bool = _opt(False, "shuffle comma-separated tags")
+    keep_tokens: int = _opt(0, "number of leading tags never shuffled or dropped", min=0)
+    caption_dropout_rate: float = _opt(0.0, "probability of training a sample with an empty caption", min=0.0, max=1.0)
+    caption_tag_dropout_rate: float = _opt(0.0, "probability of dropping each tag", min=0.0, max=1.0)
+    caption_prefix: str = _opt("", "text put before every caption (trigger word)", group="basic")
+    caption_suffix: str = _opt("", "text put after every caption")
+    max_token_length: int = _opt(225, "longest caption in tokens: 75, 150 or 225 (longer is truncated with a warning)",
+                                 choices=[75, 150, 225])
+    cache_latents: bool = _opt(True, "encode every image with the VAE once before training")
+    cache_latents_to_disk: bool = _opt(False, "keep the latent cache on disk so a second run skips the VAE")
+    cache_dir: Optional[str] = _opt(None, "where the disk cache goes (default: output_dir/cache)")
+    dataloader_workers: int = _opt(0, "image loading worker processes", min=0)
+
+    # --- output ----------------------------------------------------------------------------------
+    output_dir: str = _opt("./output", "where the LoRA, checkpoints and logs go", group="basic")
+    output_name: Optional[str] = _opt(None, "file name of the LoRA (default: the config file's name)", group="basic")
+    save_precision: str = _opt("fp16", "dtype of the saved LoRA", choices=["fp16", "bf16", "fp32"])
+    overwrite: bool = _opt(False, "replace an existing LoRA of the same name (otherwise a numbered name is used)")
+    save_steps: int = _opt(0, "save a resumable checkpoint every N optimizer steps (0: off)", min=0)
+    save_every_n_epochs: int = _opt(0, "save a resumable checkpoint every N epochs (0: off)", min=0)
+    save_last_n_checkpoints: int = _opt(0, "keep only the newest N checkpoints (0: keep all)", min=0)
+    resume_from_checkpoint: Optional[str] = _opt(None, "checkpoint folder to resume from, or 'latest'")
+    init_lora_weights: Optional[str] = _opt(None, "start from an existing kohya LoRA file (incremental training)")
+
+    # --- training --------------------------------------------------------------------------------
+    batch_size: int = _opt(1, "images per step", min=1, group="basic")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", min=1)
+    epochs: int = _opt(10, "passes over the dataset (ignored when max_train_steps is set)", min=1, group="basic")
+    max_train_steps: Optional[int] = _opt(None, "total optimizer steps; overrides epochs", min=1, group="basic")
+    learning_rate: float = _opt(1e-4, "base learning rate", min=0.0, group="basic")
+    unet_lr: Optional[float] = _opt(None, "UNet learning rate (default: learning_rate)", min=0.0)
+    text_encoder_lr: Optional[float] = _opt(None, "text encoder learning rate (default: learning_rate)", min=0.0)
+    train_unet: bool = _opt(True, "train LoRA on the UNet")
+    train_text_encoder: bool = _opt(False, "also train LoRA on the text encoder(s)", group="basic")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule",
+                             choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
+                                      "linear", "polynomial"])
+    lr_warmup_steps: int = _opt(0, "warm-up steps", min=0)
+    lr_scheduler_num_cycles: int = _opt(1, "restarts for cosine_with_restarts", min=1)
+    lr_scheduler_power: float = _opt(1.0, "power for polynomial", min=0.0)
+    optimizer: str = _opt("adamw", "optimizer", choices=["adamw", "adamw8bit", "prodigy", "lion", "adafactor"])
+    optimizer_args: dict = _opt({}, "extra optimizer keyword arguments, e.g. {betas: [0.9, 0.99]}")
+    weight_decay: float = _opt(0.01, "weight decay", min=0.0)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)", min=0.0)
+    seed: int = _opt(42, "random seed", min=0)
+
+    # --- network ---------------------------------------------------------------------------------
+    lora_rank: int = _opt(16, "LoRA rank (network dim)", min=1, max=1024, group="basic")
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha; scale is alpha/rank (default: rank, i.e. scale 1)",
+                                       min=0.0, group="basic")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA path", min=0.0, max=1.0)
+    conv_lora: bool = _opt(False, "LoCon: also train the ResNet and up/down-sampler convolutions")
+    conv_rank: Optional[int] = _opt(None, "rank of the 3x3 conv LoRA (default: lora_rank)", min=1, max=1024)
+    conv_alpha: Optional[float] = _opt(None, "alpha of the 3x3 conv LoRA (default: conv_rank)", min=0.0)
+    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA)")
+    target_modules: Optional[list] = _opt(None, "module names to adapt (default: kohya's targets, or per "
+                                          "architecture for text-generation)")
+
+    # --- precision, memory, loss -----------------------------------------------------------------
+    mixed_precision: str = _opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = _opt(False, "trade compute for memory")
+    min_snr_gamma: Optional[float] = _opt(None, "min-SNR loss weighting gamma (5 is common; off when unset)", min=0.0)
+    noise_offset: float = _opt(0.0, "noise offset (0.05-0.1 helps very dark/bright images)", min=0.0, max=1.0)
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, mps ...")
+
+    # --- logging and samples ---------------------------------------------------------------------
+    log_with: str = _opt("tensorboard", "training logs", choices=["tensorboard", "none"])
+    logging_dir: Optional[str] = _opt(None, "TensorBoard folder (default: output_dir/logs)")
+    sample_prompts: Optional[Union[list, str]] = _opt(None, "prompts to render during training (list or .txt file)")
+    sample_every_n_steps: int = _opt(0, "render the sample prompts every N steps (0: only at the end)", min=0)
+    sample_steps: int = _opt(20, "sampling steps for samples", min=1)
+    sample_cfg_scale: float = _opt(7.0, "classifier-free guidance for samples", min=0.0)
+    sample_seed: int = _opt(1234, "seed of the samples", min=0)
+    sample_width: Optional[int] = _opt(None, "sample width (default: resolution)", min=8)
+    sample_height: Optional[int] = _opt(None, "sample height (default: resolution)", min=8)
+
+    # --- text-generation (task_type: text-generation) --------------------------------------------
+    max_seq_length: int = _opt(512, "text-generation: longest sample in tokens", min=8)
+    prompt_template: str = _opt("none", "text-generation: none, llama2-inst, chatml or chat-template",
+                                choices=["none", "llama2-inst", "chatml", "chat-template"])
+    packing: bool = _opt(False, "text-generation: pack short samples into one sequence")
+    validation_split: float = _opt(0.0, "text-generation: held-out fraction for validation loss", min=0.0, max=0.5)
+    early_stopping_patience: int = _opt(0, "text-generation: stop after N validations without improvement (0: off)",
+                                        min=0)
+
+    # ---------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return int(self.conv_rank or self.lora_rank)
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return float(self.effective_conv_rank if self.conv_alpha is None else self.conv_alpha)
+
+    @property
+    def resolution_wh(self) -> tuple[int, int]:
+        return parse_resolution(self.resolution)
+
+    @property
+    def name(self) -> str:
+        return self.output_name or "lora"
+
+    def validate(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            value = _coerce(f.name, value, hints[f.name])
+            meta = f.metadata
+            if value is not None and meta.get("choices") is not None and value not in meta["choices"]:
+                if not (f.name == "v_parameterization"):
+                    raise ConfigError(f"{f.name}: {value!r} is not allowed; choose one of "
+                                      f"{', '.join(map(str, meta['choices']))}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if meta.get("min") is not None and value < meta["min"]:
+                    raise ConfigError(f"{f.name}: {value!r} is too small; it must be >= {meta['min']}")
+                if meta.get("max") is not None and value > meta["max"]:
+                    raise ConfigError(f"{f.name}: {value!r} is too large; it must be <= {meta['max']}")
+            object.__setattr__(self, f.name, value)
+        if self.v_parameterization not in ("auto", True, False):
+            raise ConfigError(f"v_parameterization: {self.v_parameterization!r} is not allowed; use auto, true or false")
+        parse_resolution(self.resolution)
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ConfigError(f"min_bucket_reso ({self.min_bucket_reso}) is larger than max_bucket_reso "
+                              f"({self.max_bucket_reso})")
+        if self.bucket_reso_steps % 8:
+            raise ConfigError(f"bucket_reso_steps: {self.bucket_reso_steps} must be a multiple of 8")
+        if self.output_name is not None and (os.sep in self.output_name or self.output_name.strip() == ""):
+            raise ConfigError(f"output_name: {self.output_name!r} must be a plain file name without folders")
+        if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
+            raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
+
+    def require(self, *keys: str) -> None:
+        """Checks keys that are optional in the schema but needed for a run."""
+        for key in keys:
+            if getattr(self, key) in (None, ""):
+                raise ConfigError(f"{key} is required: {fields_help()[key]}")
+
+    # ---- dict / YAML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save_yaml(self, path: Union[str, Path]) -> None:
+        atomic_write_text(Path(path), self.to_yaml())
+
+    def replace(self, **changes) -> "TrainConfig":
+        return from_dict({**self.to_dict(), **changes})
+
+
+# Keys of other trainers' configs (kohya sd-scripts, lora-scripts) that mean the same as ours.
+ALIASES = {
+    "pretrained_model_name_or_path": "base_model",
+    "pretrained_model": "base_model",
+    "network_dim": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "network_dropout": "lora_dropout",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "lr": "learning_rate",
+    "lr_warmup": "lr_warmup_steps",
+    "optimizer_type": "optimizer",
+    "save_every_n_steps": "save_steps",
+    "resume": "resume_from_checkpoint",
+    "network_weights": "init_lora_weights",
+    "v2_parameterization": "v_parameterization",
+    "v_prediction": "v_parameterization",
+    "dataset_dir": "train_data_dir",
+    "logging_with": "log_with",
+    "seq_length": "max_seq_length",
+}
+
+OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "prodigy": "prodigy",
+                     "lion": "lion", "adafactor": "adafactor"}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def fields_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+
+
+def field_meta() -> dict[str, dict]:
+    return {f.name: dict(f.metadata, default=_default_of(f)) for f in fields(TrainConfig)}
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def parse_resolution(value) -> tuple[int, int]:
+    """512 -> (512, 512); "768,512" / [768, 512] -> (768, 512) as (width, height)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            w = h = value
+        elif isinstance(value, (list, tuple)) and len(value) == 2:
+            w, h = int(value[0]), int(value[1])
+        elif isinstance(value, str):
+            parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+            if len(parts) == 1:
+                w = h = int(parts[0])
+            elif len(parts) == 2:
+                w, h = int(parts[0]), int(parts[1])
+            else:
+                raise ValueError
+        else:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"resolution: {value!r} is not a resolution; use 512 or width,height like 768,512") from None
+    if w < 64 or h < 64 or w % 8 or h % 8:
+        raise ConfigError(f"resolution: {value!r} must be at least 64 and a multiple of 8 on each side")
+    return w, h
+
+
+def _coerce(key: str, value, hint):
+    """Accepts what YAML and command lines produce ("1e-4", "true", 5) for the declared type."""
+    if value is None:
+        return None
+    origin = get_origin(hint)
+    options = get_args(hint) if origin is Union else (hint,)
+    options = [o for o in options if o is not type(None)]
+    if any(isinstance(value, o) and not (o is int and isinstance(value, bool)) for o in options if isinstance(o, type)):
+        if float in options and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    for o in options:
+        try:
+            if o is bool:
+                if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+                    return True
+                if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+                    return False
+            elif o is int and not isinstance(value, bool):
+                if isinstance(value, float) and value.is_integer():
+                    return int(value)
+                if isinstance(value, str):
+                    return int(value.strip())
+            elif o is float and not isinstance(value, bool):
+                if isinstance(value, (int, str)):
+                    return float(value)
+            elif o is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            elif o is list and isinstance(value, str) and key in ("target_modules",):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            elif o is dict and isinstance(value, str):
+                loaded = yaml.safe_load(value)
+                if isinstance(loaded, dict):
+                    return loaded
+        except (TypeError, ValueError):
+            continue
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key}: {value!r} has the wrong type; expected {wanted}")
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    known = set(field_names())
+    clean: dict[str, Any] = {}
+    for raw_key, value in (data or {}).items():
+        key = str(raw_key).strip().replace("-", "_")
+        key = ALIASES.get(key, key)
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known | set(ALIASES)), n=1, cutoff=0.6)
+            hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown key {raw_key!r}{hint} (python -m lora_trainer train --help lists "
+                              f"every key)")
+        if key == "optimizer" and isinstance(value, str):
+            value = OPTIMIZER_ALIASES.get(value.lower().replace("-", ""), value)
+        if key == "log_with" and value in (None, False, "", "None"):
+            value = "none"
+        if key == "conv_lora" and isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            # lora-scripts/kohya style: a number is the conv rank
+            clean["conv_rank"] = value
+            value = True
+        clean[key] = value
+    return TrainConfig(**clean)
+
+
+def load_yaml(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value")
+    data = {**data, **(overrides or {})}
+    # Relative paths stay relative to the working directory, as in lora-scripts and kohya.
+    if "output_name" not in data:
+        data["output_name"] = path.stem
+    return from_dict(data, source=str(path))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,380 @@
+"""Loaders: single-file checkpoint, diffusers folder, hub id, or an in-memory original-format state dict.
+
+The state-dict path builds every module on the meta device and loads with `assign=True`, so the
+diffusers modules hold the very tensors of the given state dict (views, not copies). That is how the
+WebUI tab trains on the checkpoint the host already has in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import ldm_names as names
+from .base import FAMILIES, BaseModel
+from .tokenizer import clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _config(name: str) -> dict:
+    return json.loads(resources.files("lora_trainer.models").joinpath("configs", name).read_text())
+
+
+# --- family detection -------------------------------------------------------------------------------
+def normalize_ldm_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accepts the WebUIs' live names (`cond_stage_model.wrapped.*`) and older SD1 text-encoder names."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("cond_stage_model.wrapped."):
+            k = "cond_stage_model." + k[len("cond_stage_model.wrapped."):]
+        if k.startswith("conditioner.embedders.0.wrapped."):
+            k = "conditioner.embedders.0." + k[len("conditioner.embedders.0.wrapped."):]
+        if k.startswith("conditioner.embedders.1.wrapped."):
+            k = "conditioner.embedders.1." + k[len("conditioner.embedders.1.wrapped."):]
+        if k.startswith(names.SD1_TE_PREFIX) and not k.startswith(names.SD1_TE_PREFIX + "text_model."):
+            k = names.SD1_TE_PREFIX + "text_model." + k[len(names.SD1_TE_PREFIX):]
+        out[k] = v
+    return out
+
+
+def detect_family(sd: dict[str, torch.Tensor]) -> str:
+    keys = sd.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if not has(names.UNET_PREFIX):
+        raise ModelLoadError("this file has no UNet weights (model.diffusion_model.*): it is not a Stable Diffusion "
+                             "checkpoint (a LoRA, VAE or embedding perhaps?)")
+    if has(names.SDXL_TE2_PREFIX) and has(names.SDXL_TE1_PREFIX):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise ModelLoadError("this looks like the SDXL refiner (one OpenCLIP text encoder); LoRA training supports "
+                             "SD1, SD2 and the SDXL base model")
+    if has(names.SD2_TE_PREFIX):
+        return "sd2"
+    if has(names.SD1_TE_PREFIX):
+        return "sd1"
+    if any(k.startswith("model.diffusion_model.joint_blocks") or "double_blocks" in k for k in keys):
+        raise ModelLoadError("SD3 and Flux checkpoints are not supported yet (SD1, SD2 and SDXL are)")
+    raise ModelLoadError("cannot tell the model family: no known text encoder weights were found "
+                         "(expected cond_stage_model.* or conditioner.embedders.*)")
+
+
+# --- reading files ----------------------------------------------------------------------------------
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)  # never a plain pickle load
+        except Exception as e:
+            raise ModelLoadError(f"{path.name} cannot be loaded safely (it contains pickled code, or is damaged): "
+                                 f"{str(e).splitlines()[0]}. Convert it to .safetensors with a tool you trust.") from None
+        if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+            data = data["state_dict"]
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    raise ModelLoadError(f"{path.name}: unsupported checkpoint type {suffix!r} (use .safetensors or .ckpt)")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_yaml_beside(path: Path) -> Optional[dict]:
+    yaml_path = path.with_suffix(".yaml")
+    if not yaml_path.is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load(yaml_path.read_text())
+
+
+# --- building modules that share the state dict's tensors ---------------------------------------------
+@contextmanager
+def _on_meta():
+    """Parameters created on the meta device (no memory); buffers stay real (position ids etc.)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{what}: the weights do not fit the expected architecture "
+                             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    leftover = [n for n, p in module.named_parameters() if p.is_meta]
+    if leftover:
+        raise ModelLoadError(f"{what}: parameters left without weights: {leftover[:5]}")
+    return module
+
+
+def _clip_config_from_weights(sd: dict[str, torch.Tensor], openclip_prefix: Optional[str], hf_prefix: Optional[str],
+                              num_layers_drop: int = 0, projection: bool = False):
+    """Text-encoder sizes read from the tensors' shapes (a yaml never gives them)."""
+    from transformers import CLIPTextConfig
+
+    if openclip_prefix:
+        emb = sd[openclip_prefix + "token_embedding.weight"]
+        pos = sd[openclip_prefix + "positional_embedding"]
+        layers = 1 + max(int(k[len(openclip_prefix):].split(".")[2]) for k in sd
+                         if k.startswith(openclip_prefix + "transformer.resblocks."))
+        inter = sd[openclip_prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        act = "gelu"
+        proj_key = openclip_prefix + "text_projection"
+        proj_dim = sd[proj_key].shape[1] if proj_key in sd else emb.shape[1]
+    else:
+        p = hf_prefix + "text_model."
+        emb = sd[p + "embeddings.token_embedding.weight"]
+        pos = sd[p + "embeddings.position_embedding.weight"]
+        layers = 1 + max(int(k[len(p):].split(".")[2]) for k in sd if k.startswith(p + "encoder.layers."))
+        inter = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        act = "quick_gelu"
+        proj_dim = emb.shape[1]
+    hidden = emb.shape[1]
+    return CLIPTextConfig(vocab_size=emb.shape[0], hidden_size=hidden, intermediate_size=inter,
+                          num_hidden_layers=layers - num_layers_drop, num_attention_heads=max(1, hidden // 64),
+                          max_position_embeddings=pos.shape[0], hidden_act=act, projection_dim=proj_dim,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def _text_encoder(config, weights: dict[str, torch.Tensor], projection: bool, what: str):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with _on_meta():
+        model = cls(config)
+    return _assign(model, names.clip_keys_for(model, weights), what)
+
+
+def _unet_config(family: str, original_config: Optional[dict], sd: dict[str, torch.Tensor]) -> dict:
+    if original_config is not None:
+        from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+        cfg = create_unet_diffusers_config_from_ldm(original_config, sd)
+        cfg.pop("upcast_attention", None)
+        if family == "sdxl" and cfg.get("class_embed_type") == "projection":
+            # diffusers recognises SDXL's size conditioning only at full size (context 2048/1280)
+            cfg.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
+        return {k: v for k, v in cfg.items() if v is not None or k in ("cross_attention_dim",)}
+    return _config(f"{family}_unet.json")
+
+
+def _vae_config(family: str, original_config: Optional[dict], sd: dict[str, torch.Tensor]) -> dict:
+    if original_config is not None:
+        from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
+
+        return create_vae_diffusers_config_from_ldm(original_config, sd)
+    return _config("sdxl_vae.json" if family == "sdxl" else "sd_vae.json")
+
+
+def _noise_scheduler(v_prediction: bool, folder: Optional[Path] = None):
+    from diffusers import DDPMScheduler
+
+    if folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file():
+        cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                    "steps_offset", "timestep_spacing") if k in cfg}
+    else:
+        keep = _config("scheduler.json")
+    return DDPMScheduler(**keep, prediction_type="v_prediction" if v_prediction else "epsilon")
+
+
+def _v_from_original_config(original_config: Optional[dict]) -> Optional[bool]:
+    if not original_config:
+        return None
+    params = original_config.get("model", {}).get("params", {})
+    if "parameterization" in params:
+        return params["parameterization"] == "v"
+    denoiser = params.get("denoiser_config", {}).get("params", {})
+    scaling = str(denoiser.get("scaling_config", {}).get("target", ""))
+    if scaling:
+        return "VScaling" in scaling
+    return False
+
+
+def build_from_ldm_state_dict(sd: dict[str, torch.Tensor], *, family: str = "auto",
+                              v_parameterization="auto", original_config: Optional[dict] = None,
+                              name: str = "model", path: Optional[str] = None, source: str = "state-dict",
+                              hash_fn: Optional[Callable[[], str]] = None,
+                              tokenizer_folder: Optional[str] = None, log_fn=print) -> BaseModel:
+    """diffusers modules on the tensors of an original-format (LDM/SGM) state dict: nothing is copied."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    sd = normalize_ldm_keys(sd)
+    detected = detect_family(sd)
+    if family not in ("auto", detected):
+        raise ModelLoadError(f"model_family is {family!r} but the weights are {detected.upper()} "
+                             f"(set model_family: auto or {detected})")
+    family = detected
+
+    v_pred = v_parameterization if isinstance(v_parameterization, bool) else None
+    how = "from the config"
+    if v_pred is None:
+        v_pred = _v_from_original_config(original_config)
+        how = "from the yaml beside the checkpoint"
+    if v_pred is None and "v_pred" in sd:
+        v_pred, how = True, "from the checkpoint's v_pred marker"
+    if v_pred is None:
+        if family == "sd2":
+            v_pred, how = True, ("assumed for SD2 (most SD2 checkpoints are 768-v); set v_parameterization: false "
+                                 "for a 512-base model")
+        else:
+            v_pred, how = False, "default for this family"
+
+    unet_cfg = _unet_config(family, original_config, sd)
+    with _on_meta():
+        unet = UNet2DConditionModel(**unet_cfg)
+    _assign(unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet")
+
+    vae_cfg = _vae_config(family, original_config, sd)
+    with _on_meta():
+        vae = AutoencoderKL(**vae_cfg)
+    _assign(vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE")
+
+    if family == "sd1":
+        te_cfg = _clip_config_from_weights(sd, None, names.SD1_TE_PREFIX)
+        te_sd = {k[len(names.SD1_TE_PREFIX):]: v for k, v in sd.items() if k.startswith(names.SD1_TE_PREFIX)}
+        encoders = [_text_encoder(te_cfg, te_sd, False, "text encoder")]
+        tokenizers = [clip_tokenizer(tokenizer_folder)]
+    elif family == "sd2":
+        # SD2 conditions on the penultimate layer: build the encoder without the last one (as diffusers does),
+        # so last_hidden_state is what SD2 uses and the unused layer's tensors are left alone.
+        te_cfg = _clip_config_from_weights(sd, names.SD2_TE_PREFIX, None, num_layers_drop=1)
+        te_sd = names.openclip_to_hf(sd, names.SD2_TE_PREFIX, num_layers=te_cfg.num_hidden_layers)
+        te_sd.pop("text_projection.weight", None)
+        encoders = [_text_encoder(te_cfg, te_sd, False, "text encoder (OpenCLIP)")]
+        tokenizers = [clip_tokenizer(tokenizer_folder, pad_token="!")]
+    else:
+        te1_cfg = _clip_config_from_weights(sd, None, names.SDXL_TE1_PREFIX)
+        te1_sd = {k[len(names.SDXL_TE1_PREFIX):]: v for k, v in sd.items() if k.startswith(names.SDXL_TE1_PREFIX)}
+        te2_cfg = _clip_config_from_weights(sd, names.SDXL_TE2_PREFIX, None, projection=True)
+        te2_sd = names.openclip_to_hf(sd, names.SDXL_TE2_PREFIX)
+        encoders = [_text_encoder(te1_cfg, te1_sd, False, "text encoder 1"),
+                    _text_encoder(te2_cfg, te2_sd, True, "text encoder 2 (OpenCLIP)")]
+        tok = clip_tokenizer(tokenizer_folder)
+        tokenizers = [tok, clip_tokenizer(tokenizer_folder, pad_token="!")]
+
+    model = BaseModel(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                      noise_scheduler=_noise_scheduler(v_pred), v_prediction=v_pred, name=name, path=path,
+                      source=source, hash_fn=hash_fn)
+    model.freeze()
+    log_fn(f"base model: {family.upper()} detected; {'v' if v_pred else 'epsilon'}-prediction {how}")
+    return model
+
+
+# --- entry points -----------------------------------------------------------------------------------
+def load_single_file(path: Path, family="auto", v_parameterization="auto", log_fn=print) -> BaseModel:
+    sd = read_checkpoint(path)
+    original_config = _read_yaml_beside(path)
+    if original_config is not None:
+        log_fn(f"using {path.with_suffix('.yaml').name} beside the checkpoint for its architecture")
+    return build_from_ldm_state_dict(sd, family=family, v_parameterization=v_parameterization,
+                                     original_config=original_config, name=path.stem, path=str(path),
+                                     source="single-file", hash_fn=lambda: file_sha256(path), log_fn=log_fn)
+
+
+def load_diffusers_folder(folder: Path, family="auto", v_parameterization="auto", log_fn=print,
+                          source: str = "diffusers", name: Optional[str] = None) -> BaseModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    if (folder / "text_encoder_2").is_dir():
+        detected = "sdxl"
+        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+                    CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
+        tokenizers = [clip_tokenizer(folder / "tokenizer"),
+                      clip_tokenizer(folder / "tokenizer_2", pad_token="!")]
+    else:
+        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")]
+        detected = "sd2" if encoders[0].config.hidden_act == "gelu" else "sd1"
+        tokenizers = [clip_tokenizer(folder / "tokenizer", pad_token="!" if detected == "sd2" else "<|endoftext|>")]
+    if family not in ("auto", detected):
+        raise ModelLoadError(f"model_family is {family!r} but {folder} holds an {detected.upper()} model")
+    if isinstance(v_parameterization, bool):
+        v_pred = v_parameterization
+    else:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        v_pred = sched.is_file() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction"
+    model = BaseModel(family=detected, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+                      noise_scheduler=_noise_scheduler(v_pred, folder), v_prediction=v_pred,
+                      name=name or folder.name, path=str(folder), source=source)
+    model.freeze()
+    log_fn(f"base model: {detected.upper()} diffusers folder; {'v' if v_pred else 'epsilon'}-prediction")
+    return model
+
+
+def load_base_model(base_model: str, family="auto", v_parameterization="auto", vae: Optional[str] = None,
+                    log_fn=print) -> BaseModel:
+    if not base_model:
+        raise ModelLoadError("base_model is required: a .safetensors/.ckpt file, a diffusers folder or a hub id")
+    path = Path(os.path.expanduser(base_model))
+    if path.is_file():
+        model = load_single_file(path, family, v_parameterization, log_fn)
+    elif path.is_dir():
+        if not (path / "unet").is_dir():
+            raise ModelLoadError(f"{path} is a folder but not a diffusers model (no unet/ subfolder)")
+        model = load_diffusers_folder(path, family, v_parameterization, log_fn)
+    elif base_model.count("/") == 1 and not base_model.startswith((".", "/", "~")):
+        model = _load_hub(base_model, family, v_parameterization, log_fn)
+    else:
+        raise ModelLoadError(f"base_model: {base_model} does not exist (expected a checkpoint file, a diffusers "
+                             f"folder or a hub id like user/model)")
+    if vae:
+        _replace_vae(model, vae)
+    return model
+
+
+def _load_hub(repo: str, family, v_parameterization, log_fn) -> BaseModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo, allow_patterns=["*.json", "*.txt", "unet/*.safetensors",
+                                                         "vae/*.safetensors", "text_encoder*/*.safetensors"])
+    except Exception as e:
+        raise ModelLoadError(f"base_model: could not download {repo} from the hub ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}). Offline? Use a local file or folder.")
+    return load_diffusers_folder(Path(folder), family, v_parameterization, log_fn, source="hub", name=repo)
+
+
+def _replace_vae(model: BaseModel, vae: str) -> None:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    path = Path(vae)
+    if path.is_dir():
+        model.vae = AutoencoderKL.from_pretrained(path, subfolder="vae" if (path / "vae").is_dir() else None)
+    elif path.is_file():
+        sd = read_checkpoint(path)
+        if not any(k.startswith(names.VAE_PREFIX) for k in sd):
+            sd = {names.VAE_PREFIX + k: v for k, v in sd.items()}
+        with _on_meta():
+            new = AutoencoderKL(**dict(model.vae.config))
+        model.vae = _assign(new, convert_ldm_vae_checkpoint(sd, new.config), f"VAE {path.name}")
+    else:
+        raise ModelLoadError(f"vae: {vae} does not exist")
+    model.vae.requires_grad_(False)
+    model.vae.eval()

@@ -1,0 +1,47 @@
+"""Stopping a run from outside: Ctrl-C, SIGTERM, the UI's Stop button or the WebUI's Interrupt."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+
+class StopFlag:
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "stop requested") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __bool__(self) -> bool:  # `if stop:` reads naturally in the loop
+        return self.is_set()
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag):
+    """The first Ctrl-C / SIGTERM asks the loop to checkpoint and stop; a second Ctrl-C aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only live in the main thread; the UI uses flag.set()
+        return
+
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping "
+                 f"(press Ctrl-C again to abort without saving)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,435 @@
+"""The LoRA training loop for Stable Diffusion (SD1, SD2, SDXL).
+
+Public API (used by the CLI and the WebUI tab): `Trainer(cfg, events, stop, model=None).run()`.
+Everything the outside sees goes through `events` (design.md); `stop.set()` ends the run at the next
+optimizer step with a resumable checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+from ..models.base import BaseModel, encode_prompts, sdxl_time_ids
+from ..network.kohya_file import new_session_id, read_lora, save_lora, training_metadata, write_sidecar_json
+from ..network.lora import LoraNetwork, file_family
+from . import state as ckpt
+from .control import StopFlag
+from .events import EventBus, StepTimer
+from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
+from .optim import make_optimizer, make_scheduler
+from .sampling import load_prompts, sample_size, save_samples
+from .tblog import ScalarLog
+
+OOM_ADVICE = ("out of memory. Try, in this order: batch_size: 1 with gradient_accumulation_steps to keep the "
+              "effective batch; gradient_checkpointing: true; cache_latents: true; a lower resolution; "
+              "mixed_precision: bf16 (or fp16); optimizer: adamw8bit; train_text_encoder: false; a lower lora_rank.")
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str                     # finished | stopped
+    lora_path: Optional[Path]       # the final LoRA (None when stopped early)
+    checkpoint: Optional[Path]      # the last resumable checkpoint
+    global_step: int
+    total_steps: int
+    losses: list[float]
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, events: Optional[EventBus] = None, stop: Optional[StopFlag] = None,
+                 model: Optional[BaseModel] = None, log=None):
+        if cfg.task_type != "text-to-image":
+            raise ConfigError(f"task_type {cfg.task_type!r} is trained by lora_trainer.text, not this trainer")
+        self.cfg = cfg
+        self.events = events or EventBus()
+        self.stop = stop or StopFlag()
+        self.model = model
+        self._log = log or (lambda msg: self.events.emit("message", message=msg))
+        self.output_dir = Path(cfg.output_dir)
+        self.network: Optional[LoraNetwork] = None
+        self.device = pick_device(cfg.device)
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    # --- set-up -------------------------------------------------------------------------------------
+    def _precision(self) -> Optional[torch.dtype]:
+        mp = self.cfg.mixed_precision
+        if mp == "no":
+            return None
+        if mp == "fp16" and self.device.type == "cpu":
+            self.log("mixed_precision fp16 is not supported on the CPU; using bf16 autocast instead")
+            return torch.bfloat16
+        return torch.float16 if mp == "fp16" else torch.bfloat16
+
+    def _load_model(self) -> BaseModel:
+        from ..models.loader import load_base_model
+
+        if self.model is None:
+            self.cfg.require("base_model")
+            self.model = load_base_model(self.cfg.base_model, self.cfg.model_family, self.cfg.v_parameterization,
+                                         self.cfg.vae, log_fn=self.log)
+        return self.model
+
+    def _vae_fingerprint(self) -> str:
+        w = next(self.model.vae.parameters())
+        h = hashlib.sha256(w.detach().float().cpu().numpy().tobytes()[:65536])
+        h.update(repr(dict(self.model.vae.config)).encode())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        dist = vae.encode(pixels.to(self.device, dtype)).latent_dist
+        return (dist.mean * vae.config.scaling_factor).float()
+
+    def _cache_latents(self, ds, cache) -> None:
+        todo = [i for i in range(len(ds.items)) if self._latent_key(ds, i) not in cache]
+        if not todo:
+            self.log(f"latents: all {len(ds.items)} cached")
+            return
+        started = time.perf_counter()
+        for n, i in enumerate(todo):
+            sample = ds.load_sample(i, 0, 0)
+            cache.put(self._latent_key(ds, i), self._encode_latents(sample["pixels"][None])[0].cpu())
+            if self.stop:
+                raise KeyboardInterrupt
+        rate = len(todo) / max(time.perf_counter() - started, 1e-9)
+        self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
+
+    def _latent_key(self, ds, i: int) -> str:
+        return f"{ds.cache_key(i)}-{self._vae_fp}"
+
+    # --- the run ------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except TrainingFailed as e:
+            self.events.emit("failed", message=str(e))
+            raise
+        except ConfigError as e:
+            self.events.emit("failed", message=str(e))
+            raise
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError":
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                msg = f"{self.device}: {OOM_ADVICE}"
+                self.events.emit("failed", message=msg)
+                raise TrainingFailed(msg) from None
+            self.events.emit("failed", message=f"{type(e).__name__}: {e}")
+            raise
+        except Exception as e:
+            self.events.emit("failed", message=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            if self.network is not None and getattr(self, "_remove_network", False):
+                self.network.remove()
+
+    def _run(self) -> TrainResult:
+        from ..data import build_dataset, LatentCache
+
+        cfg = self.cfg
+        cfg.require("train_data_dir")
+        started_at = time.time()
+        torch.manual_seed(cfg.seed)
+        resume_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+
+        model = self._load_model()
+        model.freeze()
+        autocast_dtype = self._precision()
+        model.to(self.device)
+        self._vae_fp = self._vae_fingerprint()
+
+        ds = build_dataset(cfg, log=self.log)
+        use_cache = cfg.cache_latents and ds.cacheable
+        cache = None
+        if use_cache:
+            folder = None
+            if cfg.cache_latents_to_disk:
+                folder = Path(cfg.cache_dir) if cfg.cache_dir else self.output_dir / "cache"
+            cache = LatentCache(folder)
+            self._cache_latents(ds, cache)
+
+        network = LoraNetwork(model, cfg)
+        self.network = network
+        network_dtype = torch.float32
+        for p in network.parameters():
+            p.data = p.data.to(self.device, network_dtype)
+        counts = ", ".join(f"{k}: {v}" for k, v in network.num_modules().items())
+        self.log(f"LoRA rank {cfg.lora_rank} alpha {cfg.effective_alpha:g} on {len(network.layers)} modules ({counts})"
+                 + (f", LoCon rank {cfg.effective_conv_rank}" if cfg.conv_lora else "")
+                 + (", DoRA" if cfg.use_dora else ""))
+
+        if cfg.init_lora_weights and not resume_from:
+            sd, meta = read_lora(Path(cfg.init_lora_weights))
+            fam = file_family(meta, {k.split(".")[0] for k in sd})
+            if fam and fam != model.family and not (fam in ("sd1", "sd2") and model.family in ("sd1", "sd2")
+                                                    and fam == model.family):
+                raise ConfigError(f"init_lora_weights: {cfg.init_lora_weights} was trained on {fam.upper()} but the "
+                                  f"base model is {model.family.upper()}")
+            network.load_state_dict(sd, source=f"init_lora_weights {Path(cfg.init_lora_weights).name}")
+            self.log(f"starting from {cfg.init_lora_weights} (incremental training)")
+
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for te in model.text_encoders:
+                    te.gradient_checkpointing_enable()
+        model.unet.train(cfg.gradient_checkpointing)  # diffusers only checkpoints in train mode; dropout is 0
+        for te in model.text_encoders:
+            te.train(cfg.train_text_encoder and cfg.gradient_checkpointing)
+
+        accum = cfg.gradient_accumulation_steps
+        micro_per_epoch = ds.steps_per_epoch
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        if cfg.max_train_steps:
+            total_steps = cfg.max_train_steps
+            epochs = math.ceil(total_steps / steps_per_epoch)
+        else:
+            epochs = cfg.epochs
+            total_steps = epochs * steps_per_epoch
+
+        unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+        optimizer = make_optimizer(cfg, network.param_groups(unet_lr, te_lr))
+        scheduler = make_scheduler(cfg, optimizer, total_steps)
+        scaler = None
+        if autocast_dtype == torch.float16 and self.device.type == "cuda":
+            scaler = torch.amp.GradScaler("cuda")
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+
+        global_step, start_epoch, start_micro = 0, 0, 0
+        if resume_from:
+            state = ckpt.load_checkpoint(resume_from)
+            network.load_state_dict(state["weights"], source=f"checkpoint {resume_from}")
+            optimizer.load_state_dict(state["optim"]["optimizer"])
+            scheduler.load_state_dict(state["optim"]["scheduler"])
+            if scaler is not None and state["optim"].get("scaler"):
+                scaler.load_state_dict(state["optim"]["scaler"])
+            ckpt.set_rng_state(state["rng"], generator)
+            progress = state["progress"]
+            global_step, start_epoch, start_micro = progress["global_step"], progress["epoch"], progress["micro_step"]
+            if progress.get("total_steps") not in (None, total_steps):
+                self.log(f"note: the checkpoint was made for {progress['total_steps']} steps; this run has "
+                         f"{total_steps} (the schedule continues from step {global_step})")
+            self.log(f"resumed from {resume_from} at step {global_step} (epoch {start_epoch + 1}, "
+                     f"batch {start_micro})")
+
+        tb = ScalarLog(Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs") \
+            if cfg.log_with == "tensorboard" else ScalarLog(None)
+        session_id = new_session_id()
+        prompts = load_prompts(cfg.sample_prompts)
+        sw, sh = sample_size(cfg)
+        text_cache: OrderedDict[str, tuple] = OrderedDict()
+        losses: list[float] = []
+        last_checkpoint: Optional[Path] = None
+        timer = StepTimer()
+        timer.tick()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        def metadata(epoch: int, step: int) -> dict[str, str]:
+            return training_metadata(cfg, model, session_id=session_id, started_at=started_at,
+                                     num_images=len(ds.items), num_samples=ds.num_samples, epoch=epoch, step=step,
+                                     max_steps=total_steps, tag_frequency=ds.tag_frequency(),
+                                     dataset_dirs={Path(cfg.train_data_dir).name: {"n_repeats": cfg.num_repeats,
+                                                                                   "img_count": len(ds.items)}})
+
+        def save_checkpoint(epoch: int, micro: int) -> Path:
+            folder = self.output_dir / f"checkpoint-{global_step}"
+            weights = network.state_dict(torch.float32)
+            lora_name = f"{cfg.name}-step{global_step:08d}.safetensors"
+
+            def write_lora(path: Path) -> None:
+                save_lora(path, weights, metadata(epoch, global_step), cfg.save_precision, overwrite=True)
+
+            ckpt.save_checkpoint(folder, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                 generator=generator, cfg=cfg, extra_files={lora_name: write_lora},
+                                 progress={"global_step": global_step, "epoch": epoch, "micro_step": micro,
+                                           "total_steps": total_steps, "session_id": session_id})
+            removed = ckpt.prune_checkpoints(self.output_dir, cfg.save_last_n_checkpoints)
+            self.events.emit("checkpoint_saved", step=global_step, total_steps=total_steps, epoch=epoch,
+                             path=str(folder), message=f"checkpoint saved: {folder}",
+                             data={"lora": str(folder / lora_name), "removed": [str(p) for p in removed]})
+            return folder
+
+        def samples(tag: str) -> None:
+            if not prompts:
+                return
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                paths = save_samples(model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
+                                     steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
+                                     clip_skip=cfg.clip_skip)
+            for p in paths:
+                self.events.emit("sample", step=global_step, total_steps=total_steps, path=str(p))
+
+        self.events.emit("started", step=global_step, total_steps=total_steps,
+                         message=f"training {model.describe()}: {len(ds.items)} images, {ds.num_samples} samples "
+                                 f"per epoch, {steps_per_epoch} steps per epoch, {total_steps} steps",
+                         data={"images": len(ds.items), "steps_per_epoch": steps_per_epoch, "epochs": epochs})
+
+        status = "finished"
+        epoch = start_epoch
+        params = network.parameters()
+        while epoch < epochs and global_step < total_steps:
+            batches = ds.epoch_batches(epoch)
+            micro = start_micro if epoch == start_epoch else 0
+            accum_loss, accum_count = 0.0, 0
+            while micro < len(batches) and global_step < total_steps:
+                # micro-batches of one optimizer step: up to `accum`, never across the epoch's end
+                group_end = min(len(batches), (micro // accum + 1) * accum)
+                n_in_group = group_end - micro
+                for m in range(micro, group_end):
+                    loss = self._forward(ds, batches[m], epoch, m, cache, generator, text_cache, autocast_dtype)
+                    if not torch.isfinite(loss):
+                        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                        raise TrainingFailed(f"the loss became {loss.item()} at step {global_step + 1}{where}. "
+                                             f"Lower the learning_rate, use mixed_precision: bf16 or no, or set "
+                                             f"max_grad_norm: 1.0")
+                    scaled = loss / n_in_group
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    accum_loss += loss.item()
+                    accum_count += 1
+                micro = group_end
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = None
+                if cfg.max_grad_norm:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                step_loss = accum_loss / max(accum_count, 1)
+                accum_loss, accum_count = 0.0, 0
+                losses.append(step_loss)
+                timer.tick()
+                lr = scheduler.get_last_lr()[0]
+                tb.scalars(global_step, **{"loss/train": step_loss, "lr/unet": lr, "grad_norm": grad_norm})
+                self.events.emit("step", step=global_step, total_steps=total_steps, epoch=epoch + 1, loss=step_loss,
+                                 lr=lr, it_per_s=timer.rate(), eta_s=timer.eta(total_steps - global_step))
+                epoch_done = micro >= len(batches)
+                next_pos = (epoch + 1, 0) if epoch_done else (epoch, micro)
+                if cfg.save_steps and global_step % cfg.save_steps == 0 and global_step < total_steps:
+                    last_checkpoint = save_checkpoint(*next_pos)
+                if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0 \
+                        and global_step < total_steps:
+                    samples(f"step{global_step:08d}")
+                if self.stop and global_step < total_steps:
+                    last_checkpoint = save_checkpoint(*next_pos)
+                    status = "stopped"
+                    break
+            if status == "stopped":
+                break
+            epoch += 1
+            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
+                last_checkpoint = save_checkpoint(epoch, 0)
+
+        tb.close()
+        if status == "stopped":
+            self.events.emit("stopped", step=global_step, total_steps=total_steps, path=str(last_checkpoint),
+                             message=f"stopped at step {global_step}/{total_steps} ({self.stop.reason}); resume with "
+                                     f"--resume_from_checkpoint {last_checkpoint}")
+            return TrainResult("stopped", None, last_checkpoint, global_step, total_steps, losses)
+
+        final = save_lora(self.output_dir / f"{cfg.name}.safetensors", network.state_dict(torch.float32),
+                          metadata(epoch, global_step), cfg.save_precision, overwrite=cfg.overwrite)
+        if final.stem != cfg.name:
+            self.log(f"{cfg.name}.safetensors already exists; saved as {final.name} instead (overwrite: true replaces)")
+        trigger = cfg.caption_prefix.strip().strip(",").strip()
+        write_sidecar_json(final, trigger, 1.0, {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[model.family])
+        samples(f"{final.stem}_final")
+        self.events.emit("finished", step=global_step, total_steps=total_steps, path=str(final),
+                         message=f"LoRA saved: {final}", data={"name": final.stem})
+        return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
+
+    # --- one micro-batch ----------------------------------------------------------------------------
+    def _forward(self, ds, batch: list[int], epoch: int, position: int, cache, generator, text_cache,
+                 autocast_dtype) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        samples = [ds.load_sample(i, epoch, position) if cache is None else None for i in batch]
+        if cache is not None:
+            latents = torch.stack([cache.get(self._latent_key(ds, i)) for i in batch]).to(self.device)
+            meta = [ds.sample_geometry(i) if hasattr(ds, "sample_geometry") else None for i in batch]
+        else:
+            latents = self._encode_latents(torch.stack([s["pixels"] for s in samples]))
+            meta = samples
+        captions = [ds.caption_for(i, epoch, position) for i in batch]
+        weights = torch.tensor([ds.items[i].loss_weight for i in batch], dtype=torch.float32)
+
+        noise = sample_noise(latents, generator, cfg.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, generator,
+                                     self.device)
+        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(model.noise_scheduler, latents, noise, timesteps)
+
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            embeds, pooled = self._text(captions, text_cache)
+            kwargs = {}
+            if model.family == "sdxl":
+                time_ids = torch.cat([self._time_ids(ds, i, m) for i, m in zip(batch, meta)])
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+            pred = model.unet(noisy, timesteps, encoder_hidden_states=embeds, **kwargs).sample
+        return diffusion_loss(pred, target, timesteps, model.noise_scheduler, cfg.min_snr_gamma, weights)
+
+    def _time_ids(self, ds, index: int, sample) -> torch.Tensor:
+        if sample is None or "original_size" not in sample:
+            item = ds.items[index]
+            bw, bh = item.bucket
+            sample = {"original_size": (item.height, item.width), "crop_top_left": (0, 0), "target_size": (bh, bw)}
+        return sdxl_time_ids(sample["original_size"], sample["crop_top_left"], sample["target_size"], self.device,
+                             torch.float32)
+
+    def _text(self, captions: list[str], text_cache: OrderedDict):
+        cfg, model = self.cfg, self.model
+        if cfg.train_text_encoder:
+            embeds, pooled, _ = encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length)
+            return embeds, pooled
+        # Frozen text encoders: each distinct caption is encoded once (an LRU of a few thousand entries).
+        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+        if missing:
+            with torch.no_grad():
+                embeds, pooled, truncated = encode_prompts(model, missing, cfg.clip_skip, cfg.max_token_length)
+            if truncated:
+                self.log(f"{truncated} caption(s) longer than {cfg.max_token_length} tokens were truncated")
+            for j, c in enumerate(missing):
+                text_cache[c] = (embeds[j:j + 1], None if pooled is None else pooled[j:j + 1])
+                if len(text_cache) > 4096:
+                    text_cache.popitem(last=False)
+        parts = [text_cache[c] for c in captions]
+        width = max(p[0].shape[1] for p in parts)
+        if any(p[0].shape[1] != width for p in parts):
+            # captions of different lengths in one batch: fill with empty chunks, as encode_prompts does
+            empty = self._text([""], text_cache)[0][:, :77]
+            parts = [(torch.cat([p[0]] + [empty] * ((width - p[0].shape[1]) // 77), dim=1), p[1]) for p in parts]
+        embeds = torch.cat([p[0] for p in parts])
+        pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        return embeds, pooled
+
