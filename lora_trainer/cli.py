@@ -69,7 +69,15 @@ def run_training(cfg: TrainConfig) -> int:
         if cfg.task_type == "text-generation":
             from .text import train_text
 
-            train_text(cfg, events, stop)
+            from .text import TextTrainingError
+
+            try:
+                path = train_text(cfg, events, stop)
+            except TextTrainingError:
+                return 1
+            if stop:
+                return 130
+            print(f"\nDone: peft adapter in {path} (load with peft.PeftModel.from_pretrained)")
             return 0
         from .train.trainer import Trainer, TrainingFailed
 
@@ -107,7 +115,7 @@ def cmd_demo(args) -> int:
 def cmd_merge(args) -> int:
     from .text import merge_adapter
 
-    path = merge_adapter(args.adapter, args.output, base_model=args.base_model)
+    path = merge_adapter(args.adapter, args.output, base_model=args.base_model, overwrite=args.overwrite)
     print(f"merged model written to {path}")
     return 0
 
@@ -145,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a text-generation LoRA adapter into its base model")
     p.add_argument("--adapter", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--base_model", default=None)
+    p.add_argument("--base_model", "--base-model", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("ui", help="serve the Train LoRA tab outside a WebUI")

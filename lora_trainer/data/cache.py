@@ -97,7 +97,8 @@ class LatentCache:
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if self.folder is None:
-            self._memory[key] = tensor.detach()
+            # A copy: a view would keep the trainer's whole batch alive and follow its in-place changes.
+            self._memory[key] = tensor.detach().clone()
             return
         atomic_write_bytes(self._file(key), encode_safetensors({_TENSOR_NAME: tensor}, {"format": "pt"}))
 

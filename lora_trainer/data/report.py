@@ -9,7 +9,7 @@ from typing import Optional
 from .buckets import format_bucket_table
 from .dataset import Dataset, bullet_lines
 from .errors import DatasetError, ImageLoadError
-from .fingerprint import difference_hash, file_digest, near_pairs
+from .fingerprint import difference_hash, near_pairs
 from .images import load_image
 from .scan import no_images_message, scan_dataset
 

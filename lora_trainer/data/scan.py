@@ -76,10 +76,14 @@ def _folders_to_skip(cfg, scanning_reg: bool) -> set[Path]:
     return {p for p in (_resolved(c) for c in candidates if c) if p is not None}
 
 
-def _walk_images(root: Path, skip: set[Path], unsupported: Counter) -> Iterator[Path]:
+def _walk_images(root: Path, skip: set[Path], unsupported: Counter, problems: list[str]) -> Iterator[Path]:
     """Image files under root in a stable order; hidden entries and our own folders are left out."""
     seen: set[Path] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        problems.append(f"{error.filename}: cannot list this folder ({error.strerror or error})")
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
         here = _resolved(folder)
         if here in seen:  # a symlink loop
             dirs[:] = []
@@ -102,7 +106,11 @@ def read_sidecar(image: Path, extension: str, problems: list[str]) -> Optional[s
     """Caption from a.txt (or a.png.txt) next to a.png; None when there is no such file."""
     for candidate in (image.with_suffix(extension), image.with_name(image.name + extension)):
         if candidate.is_file():
-            raw = candidate.read_bytes()
+            try:
+                raw = candidate.read_bytes()
+            except OSError as e:
+                problems.append(f"{candidate}: cannot read this caption ({e.strerror or e})")
+                return None
             try:
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError:
@@ -112,14 +120,14 @@ def read_sidecar(image: Path, extension: str, problems: list[str]) -> Optional[s
     return None
 
 
-def _subset_of(path: Path, root: Path, default_repeats: int) -> tuple[str, int, str]:
+def _subset_of(path: Path, root: Path, root_name: str, default_repeats: int) -> tuple[str, int, str]:
     """(subset, repeats, source_dir) from the top-level folder of `path` under `root`."""
     try:
         parts = path.relative_to(root).parts
     except ValueError:  # a metadata.csv entry outside the root
         return path.parent.name, default_repeats, path.parent.name
     if len(parts) < 2:
-        return root.name, default_repeats, root.name
+        return root_name, default_repeats, root_name
     top = parts[0]
     match = REPEAT_FOLDER.match(top)
     if match:
@@ -140,7 +148,7 @@ def scan_root(root: Path, cfg, *, is_reg: bool, result: ScanResult,
     suspicious_dirs: set[str] = set()
     weight = float(cfg.reg_weight) if is_reg else 1.0
 
-    paths = list(_walk_images(root, _folders_to_skip(cfg, is_reg), unsupported)) if walk else []
+    paths = list(_walk_images(root, _folders_to_skip(cfg, is_reg), unsupported, result.problems)) if walk else []
     seen = {path_key(p) for p in paths}
     for key, row in sorted(metadata.items(), key=lambda kv: kv[1].line):
         if key in seen:
@@ -153,8 +161,9 @@ def scan_root(root: Path, cfg, *, is_reg: bool, result: ScanResult,
         else:
             paths.append(row.path)  # listed explicitly, e.g. by absolute path outside the folder
 
+    root_name = (_resolved(root) or root).name or str(root)  # "." has no name of its own
     for path in paths:
-        subset, repeats, source_dir = _subset_of(path, root, int(cfg.num_repeats))
+        subset, repeats, source_dir = _subset_of(path, root, root_name, int(cfg.num_repeats))
         if repeats == 0:
             zero_repeat_dirs.add(source_dir)
             continue
@@ -226,11 +235,10 @@ def scan_dataset(cfg) -> ScanResult:
 def no_images_message(cfg, result: ScanResult) -> str:
     """Why nothing usable was found: what was looked for, where, and what was skipped."""
     where = cfg.train_data_dir or (str(result.metadata_csv) if result.metadata_csv else "?")
-    sources = [f"sidecar *{caption_extension(cfg)} files"]
-    sources.insert(0, f"{result.metadata_csv}" if result.metadata_csv else "a metadata.csv (none found)")
+    csv_text = str(result.metadata_csv) if result.metadata_csv else "a metadata.csv (none found)"
     lines = [f"no usable training images in {where}: looked for {', '.join(IMAGE_EXTENSIONS)} files (any case) "
              f"in the folder and its sub-folders (N_name folders set repeats; hidden files are skipped), with "
-             f"captions from {' and '.join(sources)}."]
+             f"captions from {csv_text} and sidecar *{caption_extension(cfg)} files."]
     if any(i.is_reg for i in result.items):
         lines.append(f"Only regularization images were found (in {cfg.reg_data_dir}); the training folder needs "
                      f"images too.")

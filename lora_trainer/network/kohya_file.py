@@ -61,7 +61,7 @@ def modelspec_arch(family: str, v_prediction: bool) -> str:
 def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, started_at: float,
                       num_images: int, num_samples: int, epoch: int, step: int, max_steps: int,
                       tag_frequency: Optional[dict] = None, dataset_dirs: Optional[dict] = None,
-                      bucket_info: Optional[dict] = None) -> dict[str, str]:
+                      reg_dataset_dirs: Optional[dict] = None, bucket_info: Optional[dict] = None) -> dict[str, str]:
     """Every value a string (safetensors metadata); names as kohya writes them."""
     w, h = cfg.resolution_wh
     network_args = {}
@@ -89,7 +89,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_text_encoder_lr": (cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate)
         if cfg.train_text_encoder else 0,
         "ss_num_train_images": num_samples,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": sum(d.get("img_count", 0) for d in (reg_dataset_dirs or {}).values()),
         "ss_num_batches_per_epoch": None,
         "ss_num_epochs": cfg.epochs,
         "ss_epoch": epoch,
@@ -125,6 +125,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_training_comment": "trained with lora-trainer",
         "ss_tag_frequency": json.dumps(tag_frequency) if tag_frequency else None,
         "ss_dataset_dirs": json.dumps(dataset_dirs) if dataset_dirs else None,
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs) if reg_dataset_dirs else None,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": modelspec_arch(model.family, model.v_prediction),
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",

@@ -63,8 +63,8 @@ class Trainer:
         if cfg.task_type != "text-to-image":
             raise ConfigError(f"task_type {cfg.task_type!r} is trained by lora_trainer.text, not this trainer")
         self.cfg = cfg
-        self.events = events or EventBus()
-        self.stop = stop or StopFlag()
+        self.events = events if events is not None else EventBus()
+        self.stop = stop if stop is not None else StopFlag()  # a StopFlag is falsy until set
         self.model = model
         self._log = log or (lambda msg: self.events.emit("message", message=msg))
         self.output_dir = Path(cfg.output_dir)
@@ -107,13 +107,20 @@ class Trainer:
         return (dist.mean * vae.config.scaling_factor).float()
 
     def _cache_latents(self, ds, cache) -> None:
-        todo = [i for i in range(len(ds.items)) if self._latent_key(ds, i) not in cache]
+        from ..data import ImageLoadError
+
+        todo = [i for i in ds.active_indices() if self._latent_key(ds, i) not in cache]
         if not todo:
             self.log(f"latents: all {len(ds.items)} cached")
             return
         started = time.perf_counter()
-        for n, i in enumerate(todo):
-            sample = ds.load_sample(i, 0, 0)
+        for i in todo:
+            try:
+                sample = ds.load_sample(i, 0, 0)
+            except ImageLoadError as e:  # the scan reads headers only; some damage shows when decoding
+                self.log(f"skipped {e}")
+                ds.exclude(i, e.reason)
+                continue
             cache.put(self._latent_key(ds, i), self._encode_latents(sample["pixels"][None])[0].cpu())
             if self.stop:
                 raise KeyboardInterrupt
@@ -173,6 +180,8 @@ class Trainer:
                 folder = Path(cfg.cache_dir) if cfg.cache_dir else self.output_dir / "cache"
             cache = LatentCache(folder)
             self._cache_latents(ds, cache)
+        else:
+            ds.verify(self.log)
 
         network = LoraNetwork(model, cfg)
         self.network = network
@@ -253,10 +262,9 @@ class Trainer:
 
         def metadata(epoch: int, step: int) -> dict[str, str]:
             return training_metadata(cfg, model, session_id=session_id, started_at=started_at,
-                                     num_images=len(ds.items), num_samples=ds.num_samples, epoch=epoch, step=step,
-                                     max_steps=total_steps, tag_frequency=ds.tag_frequency(),
-                                     dataset_dirs={Path(cfg.train_data_dir).name: {"n_repeats": cfg.num_repeats,
-                                                                                   "img_count": len(ds.items)}})
+                                     num_images=len(ds.active_indices()), num_samples=ds.num_samples, epoch=epoch,
+                                     step=step, max_steps=total_steps, tag_frequency=ds.tag_frequency(),
+                                     dataset_dirs=ds.dataset_dirs(), reg_dataset_dirs=ds.dataset_dirs(is_reg=True))
 
         def save_checkpoint(epoch: int, micro: int) -> Path:
             folder = self.output_dir / f"checkpoint-{global_step}"
@@ -295,7 +303,7 @@ class Trainer:
         epoch = start_epoch
         params = network.parameters()
         while epoch < epochs and global_step < total_steps:
-            batches = ds.epoch_batches(epoch)
+            batches = ds.epoch_draws(epoch)
             micro = start_micro if epoch == start_epoch else 0
             accum_loss, accum_count = 0.0, 0
             while micro < len(batches) and global_step < total_steps:
@@ -303,7 +311,7 @@ class Trainer:
                 group_end = min(len(batches), (micro // accum + 1) * accum)
                 n_in_group = group_end - micro
                 for m in range(micro, group_end):
-                    loss = self._forward(ds, batches[m], epoch, m, cache, generator, text_cache, autocast_dtype)
+                    loss = self._forward(ds, batches[m], epoch, cache, generator, text_cache, autocast_dtype)
                     if not torch.isfinite(loss):
                         where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                         raise TrainingFailed(f"the loss became {loss.item()} at step {global_step + 1}{where}. "
@@ -371,17 +379,17 @@ class Trainer:
         return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
 
     # --- one micro-batch ----------------------------------------------------------------------------
-    def _forward(self, ds, batch: list[int], epoch: int, position: int, cache, generator, text_cache,
+    def _forward(self, ds, draws: list[tuple[int, int]], epoch: int, cache, generator, text_cache,
                  autocast_dtype) -> torch.Tensor:
         cfg, model = self.cfg, self.model
-        samples = [ds.load_sample(i, epoch, position) if cache is None else None for i in batch]
+        batch = [i for i, _ in draws]
         if cache is not None:
             latents = torch.stack([cache.get(self._latent_key(ds, i)) for i in batch]).to(self.device)
-            meta = [ds.sample_geometry(i) if hasattr(ds, "sample_geometry") else None for i in batch]
+            meta = [_center_crop_geometry(ds.items[i]) for i in batch]
         else:
-            latents = self._encode_latents(torch.stack([s["pixels"] for s in samples]))
-            meta = samples
-        captions = [ds.caption_for(i, epoch, position) for i in batch]
+            meta = [ds.load_sample(i, epoch, pos) for i, pos in draws]
+            latents = self._encode_latents(torch.stack([s["pixels"] for s in meta]))
+        captions = [ds.caption_for(i, epoch, pos) for i, pos in draws]
         weights = torch.tensor([ds.items[i].loss_weight for i in batch], dtype=torch.float32)
 
         noise = sample_noise(latents, generator, cfg.noise_offset)
@@ -394,18 +402,11 @@ class Trainer:
             embeds, pooled = self._text(captions, text_cache)
             kwargs = {}
             if model.family == "sdxl":
-                time_ids = torch.cat([self._time_ids(ds, i, m) for i, m in zip(batch, meta)])
+                time_ids = torch.cat([sdxl_time_ids(m["original_size"], m["crop_top_left"], m["target_size"],
+                                                    self.device, torch.float32) for m in meta])
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
             pred = model.unet(noisy, timesteps, encoder_hidden_states=embeds, **kwargs).sample
         return diffusion_loss(pred, target, timesteps, model.noise_scheduler, cfg.min_snr_gamma, weights)
-
-    def _time_ids(self, ds, index: int, sample) -> torch.Tensor:
-        if sample is None or "original_size" not in sample:
-            item = ds.items[index]
-            bw, bh = item.bucket
-            sample = {"original_size": (item.height, item.width), "crop_top_left": (0, 0), "target_size": (bh, bw)}
-        return sdxl_time_ids(sample["original_size"], sample["crop_top_left"], sample["target_size"], self.device,
-                             torch.float32)
 
     def _text(self, captions: list[str], text_cache: OrderedDict):
         cfg, model = self.cfg, self.model
@@ -433,3 +434,13 @@ class Trainer:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
+
+
+def _center_crop_geometry(item) -> dict:
+    """SDXL size conditioning of a centre-cropped item without decoding it (cached latents)."""
+    from ..data.buckets import cover_size
+
+    bw, bh = item.bucket
+    nw, nh = cover_size((item.width, item.height), item.bucket)
+    return {"original_size": (item.height, item.width), "crop_top_left": ((nh - bh) // 2, (nw - bw) // 2),
+            "target_size": (bh, bw)}
