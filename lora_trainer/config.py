@@ -42,8 +42,8 @@ class TrainConfig:
                           min=1, max=12)
 
     # --- data ------------------------------------------------------------------------------------
-    train_data_dir: Optional[str] = _opt(None, "folder of training images (sidecar .txt captions, metadata.csv or "
-                                         "N_name repeat folders)", group="data")
+    train_data_dir: Optional[str] = _opt(None, "training data: images (sidecar .txt captions, metadata.csv or N_name "
+                                         "repeat folders), or .txt/.jsonl for text-generation", group="data")
     metadata_path: Optional[str] = _opt(None, "CSV with file_name,caption rows (header optional)", group="data")
     caption_extension: str = _opt(".txt", "extension of sidecar caption files")
     reg_data_dir: Optional[str] = _opt(None, "regularization images (prior preservation)")
@@ -80,10 +80,11 @@ class TrainConfig:
     save_every_n_epochs: int = _opt(0, "save a resumable checkpoint every N epochs (0: off)", min=0)
     save_last_n_checkpoints: int = _opt(0, "keep only the newest N checkpoints (0: keep all)", min=0)
     resume_from_checkpoint: Optional[str] = _opt(None, "checkpoint folder to resume from, or 'latest'")
-    init_lora_weights: Optional[str] = _opt(None, "start from an existing kohya LoRA file (incremental training)")
+    init_lora_weights: Optional[str] = _opt(None, "continue from an existing LoRA (a kohya file, or a peft adapter folder for "
+                                           "text-generation)")
 
     # --- training --------------------------------------------------------------------------------
-    batch_size: int = _opt(1, "images per step", min=1, group="basic")
+    batch_size: int = _opt(1, "samples per step", min=1, group="basic")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step", min=1)
     epochs: int = _opt(10, "passes over the dataset (ignored when max_train_steps is set)", min=1, group="basic")
     max_train_steps: Optional[int] = _opt(None, "total optimizer steps; overrides epochs", min=1, group="basic")

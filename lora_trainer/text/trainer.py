@@ -20,6 +20,7 @@ from ..train.optim import make_optimizer, make_scheduler
 from ..train.state import (CONFIG_FILE, find_latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume,
                            save_checkpoint, set_rng_state)
 from ..train.tblog import ScalarLog
+from ..train.errors import TrainingFailed
 from .dataset import build_dataset, collate, epoch_batches, steps_per_epoch
 from .model import (SAVE_DTYPES, add_lora, free_name, load_causal_lm, load_tokenizer, save_adapter_files,
                     trainable_state, write_folder_atomically)
@@ -37,7 +38,7 @@ OOM_ADVICE = ("out of GPU memory. Try, in this order: batch_size: 1 with a large
               "lora_rank or fewer target_modules")
 
 
-class TextTrainingError(RuntimeError):
+class TextTrainingError(TrainingFailed):
     """Training could not go on (e.g. the loss became NaN); the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from ..network.kohya_file import new_session_id, read_lora, save_lora, training_
 from ..network.lora import LoraNetwork, file_family
 from . import state as ckpt
 from .control import StopFlag
+from .errors import TrainingFailed
 from .events import EventBus, StepTimer
 from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
 from .optim import make_optimizer, make_scheduler
@@ -31,10 +32,6 @@ from .tblog import ScalarLog
 OOM_ADVICE = ("out of memory. Try, in this order: batch_size: 1 with gradient_accumulation_steps to keep the "
               "effective batch; gradient_checkpointing: true; cache_latents: true; a lower resolution; "
               "mixed_precision: bf16 (or fp16); optimizer: adamw8bit; train_text_encoder: false; a lower lora_rank.")
-
-
-class TrainingFailed(RuntimeError):
-    pass
 
 
 @dataclass
@@ -188,6 +185,10 @@ class Trainer:
         network_dtype = torch.float32
         for p in network.parameters():
             p.data = p.data.to(self.device, network_dtype)
+        if cfg.use_dora:
+            self.log("note: DoRA magnitudes are stored per output channel (peft's layout). Forge and ComfyUI read "
+                     "them; AUTOMATIC1111 v1.10 assumes the per-input layout and diffusers ignores them, so for "
+                     "those hosts prefer plain LoRA/LoCon.")
         counts = ", ".join(f"{k}: {v}" for k, v in network.num_modules().items())
         self.log(f"LoRA rank {cfg.lora_rank} alpha {cfg.effective_alpha:g} on {len(network.layers)} modules ({counts})"
                  + (f", LoCon rank {cfg.effective_conv_rank}" if cfg.conv_lora else "")
