@@ -23,8 +23,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    if getattr(args, "config", None):
-        return load_yaml(args.config, overrides)
+    path = getattr(args, "config", None) or getattr(args, "config_file", None)
+    if path:
+        return load_yaml(path, overrides)
     return from_dict(overrides, source="command line")
 
 
@@ -126,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a LoRA from a YAML config (flags override its keys)")
+    p.add_argument("config_file", nargs="?", help="YAML config file (same as --config)")
     p.add_argument("--config", "-c", help="YAML config file")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems")
+    p.add_argument("config_file", nargs="?", help="YAML config file (same as --config)")
     p.add_argument("--config", "-c", help="YAML config file")
     _add_config_flags(p)
     p.set_defaults(func=cmd_check)
