@@ -110,7 +110,12 @@ def cmd_demo(args) -> int:
     cfg = demo_config(Path(args.output_dir), family=args.family, steps=args.steps)
     print(f"demo: training a {args.family.upper()} LoRA on the bundled sample images with a built-in tiny base model "
           f"(random weights, offline). Output: {cfg.output_dir}")
-    return run_training(cfg)
+    code = run_training(cfg)
+    if code == 0:
+        print("This LoRA fits the tiny demo model only. For a real one, set base_model to your checkpoint "
+              "(e.g. models/Stable-diffusion/v1-5-pruned-emaonly.safetensors) and train_data_dir to your images in "
+              "configs/sd15_character.yaml, then: python -m lora_trainer train configs/sd15_character.yaml")
+    return code
 
 
 def cmd_merge(args) -> int:

@@ -203,3 +203,54 @@ def test_demo_command(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo_sd1.safetensors").is_file()
     assert "<lora:demo_sd1:0.8>" in out
     assert math.isfinite(len(out))
+
+
+def test_sigint_saves_a_resumable_checkpoint(tiny_files, tmp_path):
+    """Ctrl-C in the CLI: the run stops at the next step with a checkpoint, exit code 130, and resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_images(tmp_path / "data", n=4)
+    cfg = _write_yaml(tmp_path / "sig.yaml", base_model=str(tiny_files["sd1"]), train_data_dir=str(data),
+                      output_dir=str(tmp_path / "out"), resolution=64, min_bucket_reso=64, max_bucket_reso=128,
+                      bucket_reso_steps=32, batch_size=1, max_train_steps=100000, lora_rank=4, log_with="none")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    seen = ""
+    deadline = time.time() + 240
+    while "training SD1" not in seen and time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    time.sleep(2.0)  # a few steps in
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, seen + rest
+    assert "resume with --resume_from_checkpoint" in rest
+    checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["global_step"] >= 1
+    assert not (tmp_path / "out" / "sig.safetensors").exists()
+
+
+def test_out_of_memory_gives_remedies(tiny_files, tmp_path, monkeypatch):
+    from lora_trainer.train import trainer as trainer_mod
+
+    data = make_images(tmp_path / "data", n=2)
+    cfg = base_config(base_model=str(tiny_files["sd1"]), train_data_dir=str(data), output_dir=str(tmp_path / "o"),
+                      max_train_steps=2)
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer_mod, "diffusion_loss", oom)
+    events = EventBus()
+    with pytest.raises(TrainingFailed, match="gradient_checkpointing"):
+        Trainer(cfg, events).run()
+    assert events.last.kind == "failed" and "batch_size" in events.last.message
