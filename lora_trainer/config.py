@@ -14,6 +14,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .fsutil import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+
 
 class ConfigError(ValueError):
     """A config value a person has to fix; the message names the key, the value and what is allowed."""
@@ -366,17 +368,3 @@ def load_yaml(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None
     if "output_name" not in data:
         data["output_name"] = path.stem
     return from_dict(data, source=str(path))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -1,5 +1,4 @@
 """LoRA targets, kohya key names and the file format, checked against what the hosts and diffusers read."""
-import json
 
 import pytest
 import torch

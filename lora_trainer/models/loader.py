@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from . import ldm_names as names
-from .base import FAMILIES, BaseModel
+from .base import BaseModel
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)

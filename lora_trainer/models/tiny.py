@@ -8,7 +8,6 @@ its `.yaml` beside it (the WebUIs' convention), or a diffusers folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -21,12 +20,21 @@ VOCAB = 49408
 
 
 def tiny_original_config(family: str, v_prediction: bool = False) -> dict:
-    """An original-format (LDM/SGM) yaml config for a tiny model of `family`."""
-    vae = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
-                                        "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-                                        "attn_resolutions": [], "dropout": 0.0}}
-    unet = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": 1,
-            "channel_mult": [1, 2, 2], "transformer_depth": 1}
+    """A complete original-format (LDM/SGM) yaml config for a tiny model of `family`.
+
+    Complete enough for the WebUIs to build the model from it (targets, noise schedule, conditioning key),
+    as they do for any checkpoint with a same-named .yaml beside it.
+    """
+    vae = {"embed_dim": 4, "monitor": "val/rec_loss",
+           "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                        "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                        "dropout": 0.0},
+           "lossconfig": {"target": "torch.nn.Identity"}}
+    first_stage = {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae}
+    # Two ResNet blocks per level as in every real SD model: the WebUIs map LoRA names assuming it.
+    unet = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": 2,
+            "channel_mult": [1, 2, 2], "transformer_depth": 1, "use_spatial_transformer": True,
+            "use_checkpoint": False, "legacy": False}
     if family == "sd1":
         unet.update(attention_resolutions=[1, 2], num_heads=2, context_dim=TE_HIDDEN, use_linear_in_transformer=False)
     elif family == "sd2":
@@ -35,19 +43,37 @@ def tiny_original_config(family: str, v_prediction: bool = False) -> dict:
     elif family == "sdxl":
         unet.update(attention_resolutions=[2, 4], num_head_channels=16, context_dim=2 * TE_HIDDEN,
                     use_linear_in_transformer=True, transformer_depth=[0, 1, 2], num_classes="sequential",
-                    adm_in_channels=TE_HIDDEN + 6 * 256)
+                    adm_in_channels=TE_HIDDEN + 6 * 256, num_res_blocks=1)
     else:
         raise ValueError(family)
     if family == "sdxl":
         scaling = "sgm.modules.diffusionmodules.denoiser_scaling." + ("VScaling" if v_prediction else "EpsScaling")
+        sgm_vae = dict(vae, ddconfig=dict(vae["ddconfig"], attn_type="vanilla"))
         return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
-            "scale_factor": 0.13025, "network_config": {"params": unet},
-            "denoiser_config": {"params": {"scaling_config": {"target": scaling}}},
-            "first_stage_config": {"params": vae}}}}
-    params = {"scale_factor": 0.18215, "unet_config": {"params": unet}, "first_stage_config": {"params": vae}}
+            "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+            "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+                "num_idx": 1000,
+                "scaling_config": {"target": scaling},
+                "discretization_config": {
+                    "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+            "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+                                   "params": sgm_vae}}}}
+    params = {"linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "log_every_t": 200,
+              "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64, "channels": 4,
+              "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+              "scale_factor": 0.18215, "use_ema": False,
+              "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+              "first_stage_config": first_stage}
+    if family == "sd1":
+        params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    else:
+        params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                                       "params": {"freeze": True, "layer": "penultimate"}}
     if v_prediction:
         params["parameterization"] = "v"
-    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+                      "params": params}}
 
 
 def _text_encoder(projection: bool, openclip: bool, seed: int):

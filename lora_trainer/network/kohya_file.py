@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import TrainConfig, atomic_write_bytes
+from ..config import TrainConfig
+from ..fsutil import atomic_write_bytes, free_path  # noqa: F401  (free_path re-exported)
 from ..models.base import BaseModel
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,18 +39,6 @@ def file_tensor_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def free_path(path: Path, overwrite: bool) -> Path:
-    """`path` itself if free (or overwrite is allowed), else name_2, name_3, ... next to it."""
-    if overwrite or not path.exists():
-        return path
-    n = 2
-    while True:
-        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-        if not candidate.exists():
-            return candidate
-        n += 1
-
-
 def modelspec_arch(family: str, v_prediction: bool) -> str:
     if family == "sdxl":
         return "stable-diffusion-xl-v1-base/lora"
@@ -61,7 +50,8 @@ def modelspec_arch(family: str, v_prediction: bool) -> str:
 def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, started_at: float,
                       num_images: int, num_samples: int, epoch: int, step: int, max_steps: int,
                       tag_frequency: Optional[dict] = None, dataset_dirs: Optional[dict] = None,
-                      reg_dataset_dirs: Optional[dict] = None, bucket_info: Optional[dict] = None) -> dict[str, str]:
+                      reg_dataset_dirs: Optional[dict] = None, bucket_info: Optional[dict] = None,
+                      num_epochs: Optional[int] = None, batches_per_epoch: Optional[int] = None) -> dict[str, str]:
     """Every value a string (safetensors metadata); names as kohya writes them."""
     w, h = cfg.resolution_wh
     network_args = {}
@@ -90,8 +80,8 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         if cfg.train_text_encoder else 0,
         "ss_num_train_images": num_samples,
         "ss_num_reg_images": sum(d.get("img_count", 0) for d in (reg_dataset_dirs or {}).values()),
-        "ss_num_batches_per_epoch": None,
-        "ss_num_epochs": cfg.epochs,
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": num_epochs if num_epochs is not None else cfg.epochs,
         "ss_epoch": epoch,
         "ss_steps": step,
         "ss_max_train_steps": max_steps,

@@ -5,14 +5,13 @@ Works with transformers 4.30 (the A1111 WebUI's pin) and 5.x, peft 0.13 and newe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..fsutil import write_folder_atomically
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -225,45 +224,6 @@ def add_lora(cfg: TrainConfig, model, message: Callable[[str], None] = lambda m:
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-# ---- writing folders atomically ------------------------------------------------------------------------
-
-def write_folder_atomically(target: Path, writer: Callable[[Path], None], replace: bool) -> Path:
-    """writer(tmp) fills a temporary sibling folder which is then renamed to target."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        writer(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        if not replace:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{target} already exists")
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
-
-
-def free_name(folder: Path) -> Path:
-    """folder if it does not exist, else folder_2, folder_3, ..."""
-    folder = Path(folder)
-    if not folder.exists():
-        return folder
-    n = 2
-    while folder.with_name(f"{folder.name}_{n}").exists():
-        n += 1
-    return folder.with_name(f"{folder.name}_{n}")
 
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -22,8 +22,8 @@ from ..train.state import (CONFIG_FILE, find_latest_checkpoint, load_checkpoint,
 from ..train.tblog import ScalarLog
 from ..train.errors import TrainingFailed
 from .dataset import build_dataset, collate, epoch_batches, steps_per_epoch
-from .model import (SAVE_DTYPES, add_lora, free_name, load_causal_lm, load_tokenizer, save_adapter_files,
-                    trainable_state, write_folder_atomically)
+from ..fsutil import free_path, write_folder_atomically
+from .model import SAVE_DTYPES, add_lora, load_causal_lm, load_tokenizer, save_adapter_files, trainable_state
 from .templates import IGNORE_INDEX
 
 MAX_ISSUE_MESSAGES = 20
@@ -406,7 +406,7 @@ class _TextRun:
             note = f" (weights of epoch {p['best_epoch']}, best validation loss {p['best_val']:.4f})"
         target = self.out_dir / cfg.name
         if target.exists() and not cfg.overwrite:
-            new = free_name(target)
+            new = free_path(target)
             self.msg(f"{target} already exists; writing the adapter to {new} instead (set overwrite: true to "
                      f"replace it)")
             target = new

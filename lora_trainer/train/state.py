@@ -7,7 +7,6 @@ config. It is written into a temporary folder and renamed, so a crash never leav
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError, TrainConfig, atomic_write_text
+from ..config import ConfigError, TrainConfig
+from ..fsutil import atomic_write_text, write_folder_atomically
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -53,29 +53,18 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
                     generator: Optional[torch.Generator] = None, progress: dict[str, Any], cfg: TrainConfig,
                     extra_files: Optional[dict[str, Any]] = None) -> Path:
     """extra_files: name -> callable(path) that writes an additional file (e.g. the kohya LoRA)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()},
-              str(tmp / WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIM_FILE)
-    torch.save(rng_state(generator), tmp / RNG_FILE)
-    atomic_write_text(tmp / STATE_FILE, json.dumps(progress, indent=2))
-    cfg.save_yaml(tmp / CONFIG_FILE)
-    for name, writer in (extra_files or {}).items():
-        writer(tmp / name)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    return folder
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()},
+                  str(tmp / WEIGHTS_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIM_FILE)
+        torch.save(rng_state(generator), tmp / RNG_FILE)
+        atomic_write_text(tmp / STATE_FILE, json.dumps(progress, indent=2))
+        cfg.save_yaml(tmp / CONFIG_FILE)
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+
+    return write_folder_atomically(Path(folder), write, replace=True)
 
 
 def is_checkpoint(folder: Path) -> bool:

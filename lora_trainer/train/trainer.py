@@ -265,7 +265,10 @@ class Trainer:
             return training_metadata(cfg, model, session_id=session_id, started_at=started_at,
                                      num_images=len(ds.active_indices()), num_samples=ds.num_samples, epoch=epoch,
                                      step=step, max_steps=total_steps, tag_frequency=ds.tag_frequency(),
-                                     dataset_dirs=ds.dataset_dirs(), reg_dataset_dirs=ds.dataset_dirs(is_reg=True))
+                                     dataset_dirs=ds.dataset_dirs(), reg_dataset_dirs=ds.dataset_dirs(is_reg=True),
+                                     num_epochs=epochs, batches_per_epoch=micro_per_epoch,
+                                     bucket_info={"buckets": {f"{w}x{h}": n for (w, h), (n, _) in
+                                                              ds.bucket_counts().items()}})
 
         def save_checkpoint(epoch: int, micro: int) -> Path:
             folder = self.output_dir / f"checkpoint-{global_step}"
