@@ -1,6 +1,7 @@
-"""Dataset throughput: scan + bucketing, and loading + resizing every sample, in images per second.
+"""Dataset throughput: scan + bucketing, loading + resizing every sample, and latent caching with the
+tiny VAE (first run encodes, second run reads the disk cache), in images per second.
 
-    python bench/bench_dataset.py [--count 1000] [--resolution 128]
+    python bench/bench_dataset.py [--count 1000] [--resolution 128] [--no-latents]
 
 Generates small random images (96-160 px, PNG and JPEG, half with captions) in a temporary folder.
 The reference line is plain Pillow (open, convert, resize) on the same files, to show our overhead.
@@ -47,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--no-latents", action="store_true", help="skip the latent-caching measurement")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,30 @@ def main() -> None:
 
         _, report_s = timed(lambda: build_report(cfg))
         print(f"check report (dHash):    {n / report_s:10.1f} images/s  ({report_s:.3f} s)")
+
+        if not args.no_latents:
+            latent_caching(cfg, Path(tmp) / "cache")
+
+
+def latent_caching(cfg, cache_dir: Path) -> None:
+    """The trainer's own caching step (Trainer._cache_latents) with the tiny model's VAE, twice."""
+    import torch
+
+    from lora_trainer.data import LatentCache
+    from lora_trainer.models.tiny import build_tiny
+    from lora_trainer.train.trainer import Trainer
+
+    torch.set_num_threads(2)
+    model = build_tiny("sd1")
+    for run in ("first run (VAE)", "cached run (disk)"):
+        ds = build_dataset(cfg, log=None)  # a fresh dataset and cache object, as a new training run has
+        trainer = Trainer(cfg.replace(cache_latents_to_disk=True, cache_dir=str(cache_dir)), model=model,
+                          log=lambda msg: None)
+        trainer._vae_fp = trainer._vae_fingerprint()
+        cache = LatentCache(cache_dir)
+        _, s = timed(lambda: trainer._cache_latents(ds, cache))
+        n = len(ds.items)
+        print(f"latent cache, {run:<17} {n / s:8.1f} images/s  ({s:.3f} s, {len(cache)} latents on disk)")
 
 
 if __name__ == "__main__":

@@ -111,16 +111,27 @@ class Trainer:
             self.log(f"latents: all {len(ds.items)} cached")
             return
         started = time.perf_counter()
+        # Images of one bucket share a shape, so they are encoded together (much faster on a GPU).
+        by_bucket: dict[tuple, list[int]] = {}
         for i in todo:
-            try:
-                sample = ds.load_sample(i, 0, 0)
-            except ImageLoadError as e:  # the scan reads headers only; some damage shows when decoding
-                self.log(f"skipped {e}")
-                ds.exclude(i, e.reason)
-                continue
-            cache.put(self._latent_key(ds, i), self._encode_latents(sample["pixels"][None])[0].cpu())
-            if self.stop:
-                raise KeyboardInterrupt
+            by_bucket.setdefault(tuple(ds.items[i].bucket), []).append(i)
+        chunk = max(1, self.cfg.batch_size) * 4
+        for indices in by_bucket.values():
+            for start in range(0, len(indices), chunk):
+                loaded, pixels = [], []
+                for i in indices[start:start + chunk]:
+                    try:
+                        pixels.append(ds.load_sample(i, 0, 0)["pixels"])
+                        loaded.append(i)
+                    except ImageLoadError as e:  # the scan reads headers only; some damage shows when decoding
+                        self.log(f"skipped {e}")
+                        ds.exclude(i, e.reason)
+                if loaded:
+                    latents = self._encode_latents(torch.stack(pixels)).cpu()
+                    for i, latent in zip(loaded, latents):
+                        cache.put(self._latent_key(ds, i), latent.clone())
+                if self.stop:
+                    raise KeyboardInterrupt
         rate = len(todo) / max(time.perf_counter() - started, 1e-9)
         self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
 
