@@ -114,7 +114,8 @@ def test_output_loads_in_diffusers_with_every_key_consumed(tiny_files, tiny_fold
     path = save_lora(tmp_path / "x.safetensors", net.state_dict(), {"ss_output_name": "x"}, "fp32")
     n_modules = len(net.layers)
 
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_folders[family]), safety_checker=None)
+    # low_cpu_mem_usage=False: Forge pins accelerate 0.21, which transformers 4.46 refuses for that path
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_folders[family]), safety_checker=None, low_cpu_mem_usage=False)
     torch.manual_seed(0)
     lat = torch.randn(1, 4, 8, 8)
 
@@ -134,7 +135,7 @@ def test_output_loads_in_diffusers_with_every_key_consumed(tiny_files, tiny_fold
             return pipe.unet(lat, torch.tensor([500]), encoder_hidden_states=emb, **kw).sample, emb
 
     base, base_emb = unet_out()
-    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
     from peft.tuners.lora import LoraLayer
 
     loaded = sum(isinstance(m, LoraLayer) for c in [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]

@@ -254,3 +254,15 @@ def test_out_of_memory_gives_remedies(tiny_files, tmp_path, monkeypatch):
     with pytest.raises(TrainingFailed, match="gradient_checkpointing"):
         Trainer(cfg, events).run()
     assert events.last.kind == "failed" and "batch_size" in events.last.message
+
+
+def test_bf16_mixed_precision_keeps_frozen_weights_in_bf16(tiny_files, tmp_path):
+    data = make_images(tmp_path / "data", n=2)
+    cfg = base_config(base_model=str(tiny_files["sd1"]), train_data_dir=str(data), output_dir=str(tmp_path / "o"),
+                      max_train_steps=2, mixed_precision="bf16")
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    assert result.status == "finished" and all(math.isfinite(x) for x in result.losses)
+    assert next(trainer.model.unet.conv_in.parameters()).dtype == torch.bfloat16  # no fp32 copy of the UNet
+    assert next(trainer.model.vae.parameters()).dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in trainer.network.parameters())

@@ -81,6 +81,29 @@ class Trainer:
             return torch.bfloat16
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
+    def _place_model(self, model: BaseModel, owns_model: bool) -> Optional[torch.dtype]:
+        """Moves the frozen modules to the device and picks the compute dtype; returns the autocast dtype.
+
+        A model we loaded ourselves is cast to the training precision (frozen weights in fp16/bf16 under
+        mixed precision, fp32 otherwise; the VAE stays fp32, SD VAEs overflow in fp16). A host's model is
+        never cast: that would copy its weights. Half-precision host weights then run under autocast.
+        """
+        autocast_dtype = self._precision()
+        if owns_model:
+            weights_dtype = autocast_dtype or torch.float32
+            model.unet.to(self.device, dtype=weights_dtype)
+            for te in model.text_encoders:
+                te.to(self.device, dtype=weights_dtype)
+            model.vae.to(self.device, dtype=torch.float32)
+            return autocast_dtype
+        model.to(self.device)
+        host_dtype = next(model.unet.parameters()).dtype
+        if autocast_dtype is None and host_dtype in (torch.float16, torch.bfloat16):
+            self.log(f"the base weights are {str(host_dtype).replace('torch.', '')}: training under autocast in that "
+                     f"precision (LoRA weights stay fp32)")
+            return host_dtype
+        return autocast_dtype
+
     def _load_model(self) -> BaseModel:
         from ..models.loader import load_base_model
 
@@ -173,10 +196,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         resume_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
 
+        owns_model = self.model is None
         model = self._load_model()
         model.freeze()
-        autocast_dtype = self._precision()
-        model.to(self.device)
+        autocast_dtype = self._place_model(model, owns_model)
         self._vae_fp = self._vae_fingerprint()
 
         ds = build_dataset(cfg, log=self.log)
@@ -327,21 +350,23 @@ class Trainer:
                 n_in_group = group_end - micro
                 for m in range(micro, group_end):
                     loss = self._forward(ds, batches[m], epoch, cache, generator, text_cache, autocast_dtype)
-                    if not torch.isfinite(loss):
+                    loss_value = loss.item()  # the one device sync of a micro-step
+                    if not math.isfinite(loss_value):
                         where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                        raise TrainingFailed(f"the loss became {loss.item()} at step {global_step + 1}{where}. "
+                        raise TrainingFailed(f"the loss became {loss_value} at step {global_step + 1}{where}. "
                                              f"Lower the learning_rate, use mixed_precision: bf16 or no, or set "
                                              f"max_grad_norm: 1.0")
                     scaled = loss / n_in_group
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                    accum_loss += loss.item()
+                    accum_loss += loss_value
                     accum_count += 1
                 micro = group_end
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = None
                 if cfg.max_grad_norm:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    grad_norm = float(grad_norm) if cfg.log_with == "tensorboard" else None
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
