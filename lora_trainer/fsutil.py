@@ -1,6 +1,7 @@
 """Writing files and folders so that a crash never leaves half of one, and nothing is silently replaced."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -61,3 +62,12 @@ def free_path(path: Path, overwrite: bool = False) -> Path:
     while path.with_name(f"{stem}_{n}{suffix}").exists():
         n += 1
     return path.with_name(f"{stem}_{n}{suffix}")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (hex), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

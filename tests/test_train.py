@@ -106,7 +106,7 @@ def test_training_lowers_the_loss_on_its_images(tiny_files, tmp_path):
     cfg = base_config(base_model=str(tiny_files["sd1"]), train_data_dir=str(data), output_dir=str(tmp_path / "o"),
                       max_train_steps=40, learning_rate=3e-3, lora_rank=8)
     model = load_base_model(str(tiny_files["sd1"]), **quiet)
-    trainer = Trainer(cfg, model=model)
+    trainer = Trainer(cfg, model=model, keep_network=True)
     trainer.run()
     ds = build_dataset(cfg, log=None)
     g = torch.Generator().manual_seed(0)
@@ -254,6 +254,19 @@ def test_out_of_memory_gives_remedies(tiny_files, tmp_path, monkeypatch):
     with pytest.raises(TrainingFailed, match="gradient_checkpointing"):
         Trainer(cfg, events).run()
     assert events.last.kind == "failed" and "batch_size" in events.last.message
+
+
+def test_a_given_model_gets_its_modules_back(tiny_files, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    data = make_images(tmp_path / "data", n=2)
+    model = load_base_model(str(tiny_files["sd1"]), **quiet)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    Trainer(base_config(base_model="unused", train_data_dir=str(data), output_dir=str(tmp_path / "o"),
+                        max_train_steps=1, train_text_encoder=True), model=model).run()
+    assert not any(isinstance(m, LoraLayer) for c in [model.unet, *model.text_encoders] for m in c.modules())
+    after = model.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_bf16_mixed_precision_keeps_frozen_weights_in_bf16(tiny_files, tmp_path):

@@ -1,12 +1,13 @@
 """File and picture fingerprints: exact content digests and a 64-bit difference hash for near-duplicates."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image
+
+from ..fsutil import file_sha256
 
 _BOX = getattr(Image, "Resampling", Image).BOX
 _BIT_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -14,11 +15,7 @@ _BIT_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 def file_digest(path: Union[str, Path], chunk: int = 1 << 20) -> str:
     """sha256 of the file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(Path(path), chunk)
 
 
 def difference_hash(image: Image.Image) -> int:

@@ -6,7 +6,6 @@ WebUI tab trains on the checkpoint the host already has in memory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..fsutil import file_sha256
 from . import ldm_names as names
 from .base import BaseModel
 from .tokenizer import clip_tokenizer
@@ -87,14 +87,6 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             data = data["state_dict"]
         return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     raise ModelLoadError(f"{path.name}: unsupported checkpoint type {suffix!r} (use .safetensors or .ckpt)")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_yaml_beside(path: Path) -> Optional[dict]:

@@ -56,7 +56,9 @@ def pick_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, events: Optional[EventBus] = None, stop: Optional[StopFlag] = None,
-                 model: Optional[BaseModel] = None, log=None):
+                 model: Optional[BaseModel] = None, log=None, keep_network: bool = False):
+        """model: a BaseModel to train on (a host's); its LoRA layers are taken out again when the run ends,
+        leaving the modules as they were, unless keep_network (tests that inspect the trained network)."""
         if cfg.task_type != "text-to-image":
             raise ConfigError(f"task_type {cfg.task_type!r} is trained by lora_trainer.text, not this trainer")
         self.cfg = cfg
@@ -66,6 +68,7 @@ class Trainer:
         self._log = log or (lambda msg: self.events.emit("message", message=msg))
         self.output_dir = Path(cfg.output_dir)
         self.network: Optional[LoraNetwork] = None
+        self._remove_network = model is not None and not keep_network
         self.device = pick_device(cfg.device)
 
     def log(self, msg: str) -> None:

@@ -1,0 +1,454 @@
+"""The AUTOMATIC1111 WebUI as a host (facts in docs/hosts.md; checked against A1111 v1.10.1).
+
+Everything from the WebUI (`modules.*`, the built-in Lora extension's `networks`) is imported lazily, inside
+the methods, so this file imports anywhere; the pure helpers (`live_state_dict`, `live_to_ldm_state_dict`,
+`restore_lora_backups`) are unit-tested with small fake objects.
+
+- The live checkpoint is `shared.sd_model`; its modules' `state_dict()` gives tensors that share storage with
+  the WebUI's weights, under the WebUI's live names (`cond_stage_model.wrapped.*`,
+  `conditioner.embedders.N.wrapped.*`, `token_embedding.wrapped.weight` where the WebUI wraps the token
+  embedding for textual inversion), which are mapped back to the checkpoint's names.
+- A1111 merges LoRAs into those weights in place and keeps a CPU backup per module: `clean_weights()`
+  puts the backups back (under `torch.no_grad()` and the queue lock) and marks the modules as carrying no
+  LoRA, so the WebUI re-applies its LoRAs on the next generation.
+- `exclusive_gpu()` holds `modules.call_queue.queue_lock` for the whole run (as the WebUI's own textual
+  inversion training did), shows progress through `shared.state` and turns the WebUI's Interrupt button into
+  a stop request (a resumable checkpoint is saved).
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from ..config import TrainConfig
+from .base import CheckpointInfo, Host, HostBusy, HostError, LoadedCheckpoint
+
+LOCK_WAIT_S = 60.0   # how long a preview / interrogation waits for the WebUI's current generation
+STATE_FIELDS = ("job", "job_no", "job_count", "textinfo", "sampling_step", "sampling_steps", "interrupted",
+                "skipped", "stopping_generation", "time_start", "job_timestamp", "processing_has_refined_job_count")
+
+_WRAPPED_PREFIX = re.compile(r"^(cond_stage_model|conditioner\.embedders\.\d+)\.wrapped\.")
+
+
+# ---- pure helpers (no WebUI needed) -----------------------------------------------------------------
+def live_state_dict(sd_model) -> dict:
+    """The loaded model's weights under its live names: UNet, VAE and text encoder(s), sharing storage."""
+    parts = [("model.diffusion_model.", sd_model.model.diffusion_model),
+             ("first_stage_model.", sd_model.first_stage_model)]
+    conditioner = getattr(sd_model, "conditioner", None)
+    if conditioner is not None:
+        parts.append(("conditioner.", conditioner))
+    else:
+        parts.append(("cond_stage_model.", sd_model.cond_stage_model))
+    out = {}
+    for prefix, module in parts:
+        out.update(module.state_dict(prefix=prefix))  # detached tensors on the same storage
+    return out
+
+
+def live_to_ldm_state_dict(sd: dict) -> dict:
+    """The WebUI's live names -> the checkpoint file's names (same tensor objects, nothing copied).
+
+    `cond_stage_model.wrapped.transformer.*` -> `cond_stage_model.transformer.*` (SD1),
+    `cond_stage_model.wrapped.model.*` -> `cond_stage_model.model.*` (SD2),
+    `conditioner.embedders.N.wrapped.*` -> `conditioner.embedders.N.*` (SDXL), and the textual-inversion
+    wrapper around the token embedding, `token_embedding.wrapped.weight` -> `token_embedding.weight`."""
+    out = {}
+    for key, value in sd.items():
+        new = _WRAPPED_PREFIX.sub(r"\1.", key)
+        new = new.replace(".token_embedding.wrapped.", ".token_embedding.")
+        if new in out:
+            raise HostError(f"two live weights map to {new}; this WebUI version wraps its modules differently "
+                            f"than expected")
+        out[new] = value
+    return out
+
+
+def restore_lora_backups(root) -> int:
+    """Puts A1111's backed-up original weights back into every module that has a LoRA merged in.
+
+    A1111 keeps `network_weights_backup` / `network_bias_backup` (CPU copies of the clean weights) on each
+    patched module and `network_current_names` (the LoRAs merged into it now). A module with no LoRA merged
+    is left alone (its weights are the clean ones); a restored module gets `network_current_names = ()`, so
+    the WebUI merges its LoRAs again on its next generation. Returns how many modules were restored.
+    Call under torch.no_grad() and the queue lock."""
+    import torch
+
+    restored = 0
+    for module in root.modules():
+        weights = getattr(module, "network_weights_backup", None)
+        bias = getattr(module, "network_bias_backup", None)
+        if weights is None and bias is None:
+            continue
+        if not getattr(module, "network_current_names", ()):
+            continue
+        if isinstance(module, torch.nn.MultiheadAttention):
+            if weights is not None:
+                module.in_proj_weight.copy_(weights[0])
+                module.out_proj.weight.copy_(weights[1])
+            _restore_bias(module.out_proj, bias)
+        else:
+            if weights is not None:
+                module.weight.copy_(weights)
+            _restore_bias(module, bias)
+        module.network_current_names = ()
+        restored += 1
+    return restored
+
+
+def _restore_bias(module, backup) -> None:
+    if backup is not None:
+        module.bias.copy_(backup)
+    elif getattr(module, "bias", None) is not None:
+        module.bias = None  # the module had no bias until a LoRA with one was merged
+
+
+def lora_prompt(prompt: str, name: str, weight: float) -> str:
+    tag = f"<lora:{name}:{float(weight):g}>"
+    return f"{prompt}, {tag}" if prompt.strip() else tag
+
+
+class _QueueLock:
+    """The WebUI's queue lock (not re-entrant), taken once per thread by this adapter."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.owner: Optional[int] = None
+
+    def held_here(self) -> bool:
+        return self.owner == threading.get_ident()
+
+    @contextmanager
+    def hold(self, wait_s: Optional[float], busy: str, stop=None) -> Iterator[None]:
+        if self.held_here():
+            yield
+            return
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while not self.lock.acquire(False):  # polled, so a stop request can end the wait
+            if stop is not None and stop:
+                raise HostBusy("stopped while waiting for the WebUI to finish its current job")
+            if deadline is not None and time.monotonic() > deadline:
+                raise HostBusy(busy)
+            time.sleep(0.2)
+        self.owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self.owner = None
+            self.lock.release()
+
+
+# ---- the adapter ------------------------------------------------------------------------------------
+class A1111Host(Host):
+    kind = "a1111"
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self._log = log
+        self._queue: Optional[_QueueLock] = None
+
+    # -- WebUI modules ------------------------------------------------------------------------------
+    @staticmethod
+    def _m(name: str):
+        return importlib.import_module(f"modules.{name}")
+
+    def _lock(self) -> _QueueLock:
+        if self._queue is None:
+            self._queue = _QueueLock(self._m("call_queue").queue_lock)
+        return self._queue
+
+    def _sd_model(self):
+        """The loaded model without triggering a load (None when none is loaded)."""
+        try:
+            model = self._m("sd_models").model_data.sd_model
+        except (ImportError, AttributeError):
+            model = getattr(self._m("shared"), "sd_model", None)
+        return model
+
+    @staticmethod
+    def _networks():
+        """The built-in Lora extension's `networks` module (None when that extension is disabled)."""
+        return sys.modules.get("networks")
+
+    # -- checkpoint ---------------------------------------------------------------------------------
+    def checkpoint_info(self) -> CheckpointInfo:
+        sd_model = self._sd_model()
+        if sd_model is None:
+            return CheckpointInfo(None, "", supported=False,
+                                  message="No checkpoint is loaded in the WebUI: pick one in the Stable Diffusion "
+                                          "checkpoint list at the top.")
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        title = getattr(info, "title", None) or getattr(info, "name", None) or "checkpoint"
+        path = getattr(info, "filename", None)
+        digest = getattr(info, "sha256", None)
+        family, problem = self._family(sd_model)
+        if problem is None:
+            problem = self._memory_problem(sd_model)
+        if problem:
+            return CheckpointInfo(family, title, path, digest, supported=False, message=problem)
+        v = getattr(sd_model, "parameterization", "eps") == "v"
+        return CheckpointInfo(family, title, path, digest, supported=True,
+                              message="v-prediction" if v else "")
+
+    @staticmethod
+    def _family(sd_model) -> tuple[Optional[str], Optional[str]]:
+        if getattr(sd_model, "is_sd3", False):
+            return None, "SD3 checkpoints cannot be trained here yet (SD1, SD2 and SDXL can): load another checkpoint."
+        if getattr(sd_model, "is_ssd", False):
+            return None, "SSD-1B (distilled SDXL) cannot be trained here: load an SD1, SD2 or SDXL checkpoint."
+        if getattr(sd_model, "is_sdxl", False):
+            family = "sdxl"
+        elif getattr(sd_model, "is_sd2", False):
+            family = "sd2"
+        elif getattr(sd_model, "is_sd1", False) or hasattr(sd_model, "cond_stage_model"):
+            family = "sd1"
+        else:
+            return None, "the loaded checkpoint is of a kind this trainer does not know"
+        unet = sd_model.model.diffusion_model
+        first = next((p for p in unet.parameters()), None)
+        try:
+            channels = int(unet.input_blocks[0][0].in_channels)
+        except (AttributeError, IndexError, TypeError, KeyError):
+            channels = 4
+        if channels != 4 or getattr(sd_model, "is_sdxl_inpaint", False):
+            return family, "this is an inpainting (or other non-standard) checkpoint: load a regular one to train on."
+        if first is not None and "float8" in str(first.dtype):
+            return family, ("the WebUI stores this model's weights in FP8 (Settings > Optimizations > FP8 weight); "
+                            "turn that off and reload the checkpoint to train.")
+        return family, None
+
+    def _memory_problem(self, sd_model) -> Optional[str]:
+        opts = getattr(self._m("shared"), "cmd_opts", None)
+        if getattr(opts, "lowvram", False):
+            return ("the WebUI runs with --lowvram, which streams the model through the GPU piece by piece; "
+                    "training needs all of it there. Restart without --lowvram (--medvram works).")
+        return None
+
+    def _original_config(self, sd_model) -> Optional[dict]:
+        path = getattr(sd_model, "used_config", None)
+        if not path or not Path(str(path)).is_file():
+            return None
+        import yaml
+
+        try:
+            return yaml.safe_load(Path(str(path)).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None
+
+    def loaded_checkpoint(self) -> LoadedCheckpoint:
+        sd_model = self._sd_model()
+        info = self.checkpoint_info()
+        if sd_model is None or not info.supported:
+            raise HostError(info.message)
+        return LoadedCheckpoint(state_dict=live_to_ldm_state_dict(live_state_dict(sd_model)), family=info.family,
+                                title=info.title, path=info.path, hash=info.hash,
+                                v_prediction=getattr(sd_model, "parameterization", "eps") == "v",
+                                original_config=self._original_config(sd_model))
+
+    def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        import torch
+
+        cfg, notes = super().prepare_config(cfg)
+        changes = {}
+        if cfg.device == "auto":
+            changes["device"] = str(self._m("devices").device)
+        sd_model = self._sd_model()
+        if sd_model is not None:
+            dtype = next(sd_model.model.diffusion_model.parameters()).dtype
+            if dtype in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
+                changes["mixed_precision"] = "fp16" if dtype == torch.float16 else "bf16"
+                notes.append(f"the WebUI keeps the model in {str(dtype).replace('torch.', '')}: training with "
+                             f"mixed_precision {changes['mixed_precision']} (the LoRA itself stays float32)")
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            if not cfg.base_model and getattr(info, "filename", None):
+                changes["base_model"] = str(info.filename)
+        return (cfg.replace(**changes) if changes else cfg), notes
+
+    # -- contexts -----------------------------------------------------------------------------------
+    @contextmanager
+    def clean_weights(self) -> Iterator[None]:
+        import torch
+
+        sd_model = self._sd_model()
+        with self._lock().hold(LOCK_WAIT_S, "the WebUI is busy; try again when its current job has finished"):
+            with torch.no_grad():
+                networks = self._networks()
+                if networks is not None and hasattr(networks, "load_networks"):
+                    networks.load_networks([])
+                restored = restore_lora_backups(sd_model) if sd_model is not None else 0
+        if restored:
+            self._log(f"restored the original weights of {restored} module(s) that had a LoRA merged in")
+        yield
+
+    @contextmanager
+    def exclusive_gpu(self, stop=None, events=None) -> Iterator[None]:
+        shared = self._m("shared")
+        if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
+            raise HostError(self._memory_problem(None))
+        with self._lock().hold(None, "", stop=stop):
+            sd_model = self._sd_model()
+            moved = self._to_device_for_medvram(sd_model)
+            tracker = _StateTracker(shared.state, stop)
+            if events is not None:
+                events.subscribe(tracker.on_event)
+            tracker.begin()
+            try:
+                yield
+            finally:
+                tracker.end()
+                if moved:
+                    self._back_to_cpu(moved)
+
+    def _to_device_for_medvram(self, sd_model) -> list:
+        """--medvram keeps only one of UNet / VAE / text encoder on the GPU at a time; training needs them all
+        there (and the state dict must be taken after the move, so it shares the GPU tensors)."""
+        if sd_model is None or not getattr(sd_model, "lowvram", False):
+            return []
+        devices, lowvram = self._m("devices"), self._m("lowvram")
+        lowvram.send_everything_to_cpu()
+        parts = [sd_model.model.diffusion_model, sd_model.first_stage_model,
+                 getattr(sd_model, "conditioner", None) or sd_model.cond_stage_model]
+        for m in parts:
+            m.to(devices.device)
+        self._log("--medvram: the whole model is on the GPU while training")
+        return parts
+
+    def _back_to_cpu(self, parts: list) -> None:
+        devices = self._m("devices")
+        for m in parts:
+            m.to(devices.cpu)
+        if hasattr(devices, "torch_gc"):
+            devices.torch_gc()
+
+    # -- LoRA folder --------------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        shared = self._m("shared")
+        configured = getattr(getattr(shared, "cmd_opts", None), "lora_dir", None)
+        if configured:
+            return Path(configured)
+        return Path(self._m("paths").models_path) / "Lora"
+
+    def work_dir(self) -> Path:
+        try:
+            return Path(self._m("paths").data_path) / "outputs" / "lora-trainer"
+        except (ImportError, AttributeError):
+            return super().work_dir()
+
+    def refresh_loras(self) -> None:
+        networks = self._networks()
+        if networks is not None and hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
+        try:  # cached text conditioning would keep a re-saved LoRA's old text-encoder effect
+            processing = self._m("processing")
+            base = processing.StableDiffusionProcessing
+            for cache in (base.cached_c, base.cached_uc):
+                cache[0] = None
+                cache[1] = None
+        except (ImportError, AttributeError, TypeError, IndexError):
+            pass
+
+    # -- previews and captioners --------------------------------------------------------------------
+    def preview(self, prompt: str, lora_name: Optional[str], weight: float, seed: int, steps: int,
+                size: Union[int, tuple[int, int]], negative_prompt: str = "", cfg_scale: float = 7.0):
+        if self._networks() is None and lora_name:
+            raise HostError("the WebUI's built-in Lora extension is disabled, so it cannot load LoRAs: enable it in "
+                            "Extensions")
+        width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        shared, processing = self._m("shared"), self._m("processing")
+        full_prompt = lora_prompt(prompt, lora_name, weight) if lora_name else prompt
+        with self._lock().hold(LOCK_WAIT_S, "the WebUI is busy (generating or training); preview when it is done"):
+            saved = {k: getattr(shared.state, k) for k in STATE_FIELDS if hasattr(shared.state, k)}
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=shared.sd_model, prompt=full_prompt, negative_prompt=negative_prompt, steps=int(steps),
+                width=width, height=height, seed=int(seed), cfg_scale=float(cfg_scale), sampler_name="Euler",
+                batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
+            try:
+                shared.state.begin(job="lora_trainer_preview")
+                processed = processing.process_images(p)
+                shared.state.end()
+            finally:
+                p.close()
+                for k, v in saved.items():
+                    setattr(shared.state, k, v)
+        if not processed.images:
+            raise HostError("the WebUI returned no image (interrupted?)")
+        return processed.images[0]
+
+    def interrogators(self) -> dict[str, Callable]:
+        found: dict[str, Callable] = {}
+        shared = self._m("shared")
+        lock = self._lock()
+
+        def locked(fn):
+            def run(image):
+                with lock.hold(LOCK_WAIT_S, "the WebUI is busy; caption when its current job has finished"):
+                    return fn(image)
+            return run
+
+        if getattr(shared, "interrogator", None) is not None:
+            found["clip-interrogator (WebUI)"] = locked(lambda im: shared.interrogator.interrogate(im.convert("RGB")))
+        try:
+            deepbooru = self._m("deepbooru")
+            found["deepbooru (WebUI)"] = locked(lambda im: deepbooru.model.tag(im))
+        except ImportError:
+            pass
+        return found
+
+
+class _StateTracker:
+    """Keeps `shared.state` honest while we train (the WebUI's progress bar and API show our steps) and
+    turns its Interrupt button into a stop request."""
+
+    def __init__(self, state, stop):
+        self.state = state
+        self.stop = stop
+        self.active = False
+        self._done = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def begin(self) -> None:
+        st = self.state
+        if hasattr(st, "begin"):
+            st.begin(job="lora_trainer")
+        st.job_count = 0
+        st.job_no = 0
+        st.textinfo = "Training LoRA: preparing"
+        self.active = True
+        if self.stop is not None:
+            self._thread = threading.Thread(target=self._watch, name="lora-trainer-interrupt", daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            if getattr(self.state, "interrupted", False) or getattr(self.state, "stopping_generation", False):
+                self.stop.set("interrupted from the WebUI: saving a checkpoint and stopping")
+                return
+
+    def on_event(self, event) -> None:
+        if not self.active:
+            return
+        st = self.state
+        if event.total_steps:
+            st.job_count = event.total_steps
+        if event.kind == "step":
+            st.job_no = event.step
+            st.textinfo = f"Training LoRA: step {event.step}/{event.total_steps}, loss {event.loss:.4f}"
+        elif event.message:
+            st.textinfo = "Training LoRA: " + event.message.splitlines()[0][:200]
+
+    def end(self) -> None:
+        self.active = False
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if hasattr(self.state, "end"):
+            try:
+                self.state.end()
+            except Exception:  # state.end() needs begin()'s time_start; never let it hide the run's result
+                pass
+        self.state.textinfo = None

@@ -1,0 +1,221 @@
+"""The host contract outside any WebUI: a checkpoint file or diffusers folder, a LoRA folder, diffusers previews.
+
+`python -m lora_trainer ui` serves the tab on this host, and the tests drive the whole tab through it.
+Previews load the saved LoRA *file* from the LoRA folder into the in-memory model (the engine's kohya
+reader), so a preview proves the file on disk, not the weights left in memory by training.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+from ..config import ConfigError, from_dict
+from .base import CheckpointInfo, Host, HostBusy, HostError
+
+
+class StandaloneHost(Host):
+    kind = "standalone"
+
+    def __init__(self, base_model: Optional[str], lora_dir: Union[str, Path],
+                 work_dir: Optional[Union[str, Path]] = None, device: str = "auto",
+                 log: Callable[[str], None] = print):
+        self._base_path = str(base_model) if base_model else None
+        self._lora_dir = Path(lora_dir).expanduser().resolve()
+        self._work_dir = Path(work_dir).expanduser().resolve() if work_dir else \
+            self._lora_dir.parent / "lora-trainer-runs"
+        self._device_name = device
+        self._log = log
+        self._model = None
+        self._load_error: Optional[str] = None
+        self._load_lock = threading.Lock()
+        self._gpu = threading.Lock()  # a training run or a preview: one at a time on the model
+
+    # ---- base model ------------------------------------------------------------------------------
+    @property
+    def base_model_path(self) -> Optional[str]:
+        return self._base_path
+
+    def set_base_model(self, path: Optional[str]) -> CheckpointInfo:
+        """Switches to another checkpoint (loaded on first use); refused while the model is in use."""
+        if not self._gpu.acquire(blocking=False):
+            raise HostBusy("a training run is using the base model; switch after it ends")
+        try:
+            with self._load_lock:
+                self._base_path = str(path).strip() if path and str(path).strip() else None
+                self._model = None
+                self._load_error = None
+        finally:
+            self._gpu.release()
+        return self.checkpoint_info()
+
+    def _load(self):
+        from ..models.loader import ModelLoadError, load_base_model
+        from ..train.trainer import pick_device
+
+        with self._load_lock:
+            if self._model is not None:
+                return self._model
+            if not self._base_path:
+                raise HostError("no base model: start the UI with --base_model PATH (a .safetensors/.ckpt "
+                                "checkpoint or a diffusers folder), or enter a path in Base model")
+            try:
+                model = load_base_model(self._base_path, log_fn=self._log)
+            except ModelLoadError as e:
+                self._load_error = str(e)
+                raise HostError(f"cannot load the base model {self._base_path}: {e}") from None
+            model.to(pick_device(self._device_name))
+            self._model = model
+            return model
+
+    def checkpoint_info(self) -> CheckpointInfo:
+        if not self._base_path:
+            return CheckpointInfo(None, "", supported=False,
+                                  message="No base model. Start with --base_model PATH, or enter a checkpoint file "
+                                          "or diffusers folder below.")
+        try:
+            model = self._load()
+        except HostError as e:
+            return CheckpointInfo(None, Path(self._base_path).name, path=self._base_path, supported=False,
+                                  message=str(e))
+        return CheckpointInfo(model.family, model.name, path=model.path, hash=model._hash, supported=True,
+                              message=model.describe())
+
+    def loaded_checkpoint(self):
+        return self._load()
+
+    def prepare_config(self, cfg):
+        cfg, notes = super().prepare_config(cfg)
+        wanted = cfg.base_model
+        if wanted and (not self._base_path or _norm(wanted) != _norm(self._base_path)):
+            # an API request (or a YAML) that names another checkpoint: train on that one
+            self.set_base_model(wanted)
+            notes.append(f"base model switched to {wanted}")
+        elif not wanted and self._base_path:
+            cfg = cfg.replace(base_model=self._base_path)
+        return cfg, notes
+
+    # ---- contexts --------------------------------------------------------------------------------
+    @contextmanager
+    def clean_weights(self) -> Iterator[None]:
+        yield  # nothing is ever merged into the weights here: previews inject and remove their LoRA
+
+    @contextmanager
+    def exclusive_gpu(self, stop=None, events=None) -> Iterator[None]:
+        if not self._gpu.acquire(blocking=False):
+            raise HostBusy("the base model is in use (a preview or another run); try again when it is done")
+        try:
+            yield
+        finally:
+            model = self._model
+            if model is not None:
+                model.freeze()  # training leaves modules in train mode; previews expect eval
+            self._gpu.release()
+
+    # ---- LoRA folder -----------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def refresh_loras(self) -> None:
+        pass  # files are looked up on every preview
+
+    def work_dir(self) -> Path:
+        return self._work_dir
+
+    # ---- previews --------------------------------------------------------------------------------
+    def preview(self, prompt: str, lora_name: Optional[str], weight: float, seed: int, steps: int,
+                size: Union[int, tuple[int, int]], negative_prompt: str = "", cfg_scale: float = 7.0):
+        from ..train.sampling import render
+
+        width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if not self._gpu.acquire(blocking=False):
+            raise HostBusy("a training run is using the base model; preview when it has finished (or stop it)")
+        try:
+            model = self._load()
+            network = None
+            if lora_name:
+                path = self.find_lora(lora_name)
+                if path is None:
+                    raise HostError(f"no LoRA named {lora_name!r} in {self.lora_dir()}")
+                network = apply_lora_file(model, path)
+            try:
+                if network is None:
+                    return render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
+                                  width=width, height=height, negative_prompt=negative_prompt)
+                with network.multiplier(float(weight)):
+                    return render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
+                                  width=width, height=height, negative_prompt=negative_prompt,
+                                  clip_skip=network.clip_skip)
+            finally:
+                if network is not None:
+                    network.remove()
+        finally:
+            self._gpu.release()
+
+
+def lora_file_config(sd: dict, metadata: dict):
+    """A TrainConfig whose network matches a kohya LoRA file (rank, alpha, LoCon, DoRA, text encoder)."""
+    downs = {k[:-len(".lora_down.weight")]: v for k, v in sd.items() if k.endswith(".lora_down.weight")}
+    if not downs:
+        raise HostError("the file holds no LoRA weights (no *.lora_down.weight keys)")
+
+    def alpha_of(stem: str, rank: int) -> float:
+        a = sd.get(f"{stem}.alpha")
+        return float(a) if a is not None else float(rank)
+
+    linear = {s: w for s, w in downs.items() if w.dim() == 2 or tuple(w.shape[2:]) == (1, 1)}
+    conv = {s: w for s, w in downs.items() if s not in linear}
+    if not linear:
+        raise HostError("the file has only 3x3 convolution LoRAs, which this previewer cannot map")
+    ranks = {int(w.shape[0]) for w in linear.values()}
+    alphas = {alpha_of(s, int(w.shape[0])) for s, w in linear.items()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise HostError(f"the file mixes ranks {sorted(ranks)} / alphas {sorted(alphas)} across modules; only "
+                        f"uniform files (as trained here) can be previewed outside a WebUI")
+    keys = {"lora_rank": ranks.pop(), "lora_alpha": alphas.pop(),
+            "train_unet": any(s.startswith("lora_unet_") for s in downs),
+            "train_text_encoder": any(s.startswith("lora_te") for s in downs),
+            "use_dora": any(k.endswith(".dora_scale") for k in sd)}
+    if conv:
+        first = next(iter(conv))
+        keys.update(conv_lora=True, conv_rank=int(conv[first].shape[0]),
+                    conv_alpha=alpha_of(first, int(conv[first].shape[0])))
+    try:
+        keys["clip_skip"] = int(metadata.get("ss_clip_skip") or 1)
+    except ValueError:
+        keys["clip_skip"] = 1
+    return from_dict(keys, source="LoRA file")
+
+
+def apply_lora_file(model, path: Path):
+    """Injects the LoRA stored in `path` into `model` (weight 1); call .remove() on the result to take it out.
+
+    The returned network also has `clip_skip`, the value the file was trained with."""
+    from ..network.kohya_file import read_lora
+    from ..network.lora import LoraNetwork
+
+    sd, metadata = read_lora(Path(path))
+    cfg = lora_file_config(sd, metadata)
+    network = LoraNetwork(model, cfg)
+    try:
+        network.load_state_dict({k: v.float() for k, v in sd.items()}, source=Path(path).name)
+        device = next(model.unet.parameters()).device
+        for p in network.parameters():
+            p.data = p.data.to(device)
+            p.requires_grad_(False)
+    except ConfigError as e:
+        network.remove()
+        raise HostError(str(e)) from None
+    except Exception:
+        network.remove()
+        raise
+    network.clip_skip = cfg.clip_skip
+    return network
+
+
+def _norm(path: str) -> str:
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return str(path)

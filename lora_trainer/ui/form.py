@@ -1,0 +1,141 @@
+"""The Parameters form, generated from `config.field_meta()` (no Gradio here).
+
+Each config key becomes one widget: a checkbox (bool), a dropdown (choices), a whole number (required ints)
+or a text box (everything else, parsed like a YAML value: "1e-4", "768,512", "[a, b]", "" for none).
+`form_to_config` turns widget values back into a TrainConfig through `from_dict`, so the form, the YAML
+file and the CLI flags accept and reject exactly the same things.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..config import TrainConfig, field_meta, from_dict
+
+# Keys that other sections of the tab own: the dataset folder (Dataset) and the base model (the host's).
+MANAGED_ELSEWHERE = ("train_data_dir", "base_model")
+# Basic fields in this order first (name first); any other "basic" key follows.
+BASIC_ORDER = ("output_name", "caption_prefix", "resolution", "lora_rank", "lora_alpha", "learning_rate",
+               "batch_size", "epochs", "max_train_steps", "train_text_encoder", "output_dir")
+LABELS = {"output_name": "LoRA name", "caption_prefix": "Trigger word (caption_prefix)",
+          "output_dir": "Run folder (output_dir: one sub-folder per LoRA name)"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    key: str
+    kind: str               # bool | choice | int | text
+    help: str
+    group: str
+    default: Any
+    choices: Optional[tuple] = None
+    optional: bool = False
+    text_only: bool = False  # a str field: its text is taken as is, never parsed as YAML
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.key, self.key)
+
+    @property
+    def elem_id(self) -> str:
+        return f"lora_trainer_cfg_{self.key}"
+
+
+def _types(hint) -> tuple[list, bool]:
+    if get_origin(hint) is Union:
+        args = list(get_args(hint))
+        optional = type(None) in args
+        return [a for a in args if a is not type(None)], optional
+    return [hint], False
+
+
+def field_specs() -> list[FieldSpec]:
+    hints = get_type_hints(TrainConfig)
+    specs = []
+    for key, meta in field_meta().items():
+        if key in MANAGED_ELSEWHERE:
+            continue
+        types, optional = _types(hints[key])
+        choices = tuple(meta["choices"]) if meta.get("choices") else None
+        if types == [bool]:
+            kind = "bool"
+        elif choices:
+            kind = "choice"
+        elif types == [int] and not optional:
+            kind = "int"
+        else:
+            kind = "text"
+        specs.append(FieldSpec(key, kind, meta.get("help", ""), meta.get("group", "advanced"), meta["default"],
+                               choices, optional, text_only=(types == [str])))
+    return specs
+
+
+def basic_specs() -> list[FieldSpec]:
+    specs = [s for s in field_specs() if s.group == "basic"]
+    order = {k: i for i, k in enumerate(BASIC_ORDER)}
+    return sorted(specs, key=lambda s: order.get(s.key, len(order)))
+
+
+def advanced_specs() -> list[FieldSpec]:
+    return [s for s in field_specs() if s.group != "basic"]
+
+
+# ---- values --------------------------------------------------------------------------------------------
+def to_widget(spec: FieldSpec, value: Any):
+    """A config value as its widget shows it."""
+    if spec.kind == "bool":
+        return bool(value)
+    if spec.kind == "choice":
+        return str(value)
+    if spec.kind == "int":
+        return int(value) if value is not None else spec.default
+    if value is None:
+        return ""
+    if spec.key == "sample_prompts" and isinstance(value, list):
+        return "\n".join(str(v) for v in value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)  # JSON is YAML flow style: it reads back the same
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def from_widget(spec: FieldSpec, raw: Any):
+    """A widget's value as a config value (from_dict then coerces and validates it)."""
+    if spec.kind == "bool":
+        return bool(raw)
+    if spec.kind == "choice":
+        return raw if raw not in (None, "") else spec.default
+    if spec.kind == "int":
+        if raw in (None, ""):
+            return spec.default
+        return int(raw) if float(raw).is_integer() else raw
+    text = "" if raw is None else str(raw)
+    if spec.key == "sample_prompts":
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines or None
+    if not text.strip():
+        return None if spec.optional else ("" if spec.text_only else spec.default)
+    if spec.text_only:
+        return text if spec.key in ("caption_prefix", "caption_suffix") else text.strip()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+
+
+def form_to_config(values: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """Widget values by key (+ extra keys such as train_data_dir) -> a validated TrainConfig."""
+    specs = {s.key: s for s in field_specs()}
+    data = {k: from_widget(specs[k], v) for k, v in values.items() if k in specs}
+    data.update({k: v for k, v in (extra or {}).items() if v not in (None, "")})
+    return from_dict(data, source="the form")
+
+
+def config_to_form(cfg: Union[TrainConfig, dict]) -> dict[str, Any]:
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
+    specs = {s.key: s for s in field_specs()}
+    return {k: to_widget(specs[k], v) for k, v in data.items() if k in specs}

@@ -1,0 +1,71 @@
+"""`python -m lora_trainer ui`: the Train LoRA tab outside a WebUI, on the standalone host.
+
+    python -m lora_trainer ui --base_model model.safetensors --lora_dir models/Lora --port 7861
+
+Serves the same tab as the WebUI extension (and the same HTTP API under /lora-trainer/v1/).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+CSS_FILE = Path(__file__).resolve().parents[2] / "style.css"
+
+
+def _css() -> Optional[str]:
+    try:
+        return CSS_FILE.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def launch(host, port: int = 7861, listen: str = "127.0.0.1", runner=None, quiet: bool = False):
+    """Builds the tab on `host`, starts the server without blocking; returns (demo, app, url)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .api import register_api
+    from .jobs import default_runner
+    from .tab import build_tab, gradio_major
+
+    runner = runner or default_runner()
+    demo = build_tab(host, runner)
+    css = _css()
+    if css:
+        demo.css = (demo.css or "") + css
+    demo.title = "Train LoRA"
+    if gradio_major() >= 4:
+        demo.queue(default_concurrency_limit=8)
+    else:
+        demo.queue(concurrency_count=8)
+    app, url, _share = demo.launch(server_name=listen, server_port=int(port), prevent_thread_lock=True,
+                                   inbrowser=False, show_error=True, quiet=quiet)
+    register_api(app, lambda: host, runner)
+    return demo, app, url
+
+
+def serve(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("the UI needs Gradio: pip install gradio (3.41 or 4.x), or use the train / caption / check commands")
+        return 2
+    from ..hosts.standalone import StandaloneHost
+
+    host = StandaloneHost(getattr(args, "base_model", None), getattr(args, "lora_dir", "models/Lora"),
+                          work_dir=getattr(args, "work_dir", None))
+    info = host.checkpoint_info()
+    print(f"base model: {info.describe()}")
+    print(f"LoRA folder: {host.lora_dir()}  runs: {host.work_dir()}")
+    demo, _app, url = launch(host, getattr(args, "port", 7861), getattr(args, "listen", "127.0.0.1"))
+    print(f"Train LoRA: {url}  (API: {url.rstrip('/')}/lora-trainer/v1/status)  Ctrl-C stops the server")
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from .jobs import default_runner
+
+        if default_runner().stop("the server is shutting down: saving a resumable checkpoint"):
+            print("saving a checkpoint of the running job before exiting ...")
+            default_runner().wait(600)
+    return 0

@@ -1,0 +1,141 @@
+"""The training API (headless training through the WebUI's or the standalone server's FastAPI app)."""
+import json
+import time
+
+import pytest
+
+from lora_trainer.config import ConfigError
+from lora_trainer.hosts.standalone import StandaloneHost
+from lora_trainer.ui.api import PREFIX, parse_request
+from lora_trainer.ui.jobs import TERMINAL, JobRunner
+
+from conftest import make_images
+
+
+def test_parse_request():
+    assert parse_request({"config": {"lora_rank": 4}, "resume": True}) == ({"lora_rank": 4}, True, True)
+    assert parse_request({"lora_rank": 4, "preview": False}) == ({"lora_rank": 4}, False, False)
+    with pytest.raises(ConfigError, match="JSON object"):
+        parse_request([1, 2])
+    with pytest.raises(ConfigError, match="inside \"config\""):
+        parse_request({"config": {}, "lora_rank": 4})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        parse_request({"config": "lora_rank: 4"})
+
+
+def _routes(app):
+    return {(sorted(r.methods)[0], r.path): r.endpoint for r in app.routes if hasattr(r, "endpoint")}
+
+
+def test_api_routes_start_poll_and_stop(tiny_files, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+
+    from lora_trainer.ui.api import register_api
+
+    data = make_images(tmp_path / "data", n=4)
+    host = StandaloneHost(str(tiny_files["sd1"]), tmp_path / "Lora", work_dir=tmp_path / "runs", log=lambda *_: None)
+    runner = JobRunner()
+    app = FastAPI()
+    register_api(app, lambda: host, runner)
+    r = _routes(app)
+    train, status, events, stop = (r[("POST", PREFIX + "/train")], r[("GET", PREFIX + "/status")],
+                                   r[("GET", PREFIX + "/events")], r[("POST", PREFIX + "/stop")])
+    assert status() == {"id": None, "state": "idle"} and stop() == {"stopping": False}
+    bad = train({"config": {"lora_rnk": 4}})
+    assert bad.status_code == 400 and "did you mean 'lora_rank'" in json.loads(bad.body)["error"]
+    config = {"train_data_dir": str(data), "output_name": "api_style", "output_dir": str(host.work_dir()),
+              "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 32,
+              "batch_size": 2, "lora_rank": 4, "max_train_steps": 3, "log_with": "none", "sample_steps": 2}
+    started = train({"config": config, "preview": False})
+    assert started["name"] == "api_style" and started["state"] in ("waiting", "running")
+    busy = train({"config": config})
+    assert busy.status_code == 409 and "already running" in json.loads(busy.body)["error"]
+    index, seen, deadline = 0, [], time.time() + 300
+    while status()["state"] not in TERMINAL and time.time() < deadline:
+        page = events(since=index)
+        seen += page["events"]
+        index = page["next"]
+        time.sleep(0.1)
+    seen += events(since=index)["events"]
+    st = status()
+    assert st["state"] == "finished" and st["step"] == 3 and st["lora_path"].endswith("api_style.safetensors")
+    assert [e["step"] for e in seen if e["kind"] == "step"] == [1, 2, 3]
+    json.dumps(st), json.dumps(seen)  # everything is JSON-serialisable
+
+
+def test_cli_ui_serves_the_tab_and_trains_over_http(tiny_files, tmp_path):
+    """`python -m lora_trainer ui` end to end over real HTTP: the page, a JSON training request, status and
+    events polling, then Ctrl-C ends the server cleanly."""
+    pytest.importorskip("gradio")
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = make_images(tmp_path / "data", n=4)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--base_model", str(tiny_files["sd1"]),
+                             "--lora_dir", str(tmp_path / "Lora"), "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path):
+        with urllib.request.urlopen(base + path, timeout=30) as r:
+            return r.read().decode()
+
+    def post(path, body):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                assert json.loads(get(PREFIX + "/status")) == {"id": None, "state": "idle"}
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert "lora_trainer_start" in get("/") or "Train LoRA" in get("/")
+        code, body = post(PREFIX + "/train", {"config": {"lora_rank": "four"}})
+        assert code == 400 and "lora_rank" in body["error"]
+        config = {"train_data_dir": str(data), "output_name": "http_style", "resolution": 64, "min_bucket_reso": 64,
+                  "max_bucket_reso": 128, "bucket_reso_steps": 32, "batch_size": 2, "lora_rank": 4,
+                  "max_train_steps": 2, "log_with": "none", "sample_steps": 2}
+        code, body = post(PREFIX + "/train", {"config": config})
+        assert code == 200 and body["name"] == "http_style", body
+        deadline = time.time() + 300
+        while json.loads(get(PREFIX + "/status"))["state"] not in TERMINAL:
+            assert time.time() < deadline
+            time.sleep(0.5)
+        st = json.loads(get(PREFIX + "/status"))
+        assert st["state"] == "finished", st
+        assert Path(st["lora_path"]) == (tmp_path / "Lora" / "http_style.safetensors").resolve()
+        events = json.loads(get(PREFIX + "/events?since=0"))
+        assert [e["step"] for e in events["events"] if e["kind"] == "step"] == [1, 2]
+        assert json.loads(get(PREFIX + f"/events?since={events['next']}"))["events"] == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "Train LoRA: http://" in out

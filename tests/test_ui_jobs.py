@@ -1,0 +1,133 @@
+"""The background job runner on the standalone host: start, poll events to the end, stop, resume, failures."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_trainer.config import ConfigError
+from lora_trainer.hosts.standalone import StandaloneHost
+from lora_trainer.network.kohya_file import read_lora
+from lora_trainer.ui.jobs import TERMINAL, JobError, JobRunner
+
+from conftest import base_config, make_images
+
+quiet = lambda *_: None  # noqa: E731
+
+
+@pytest.fixture
+def setup(tiny_files, tmp_path):
+    data = make_images(tmp_path / "data", n=4)
+    host = StandaloneHost(str(tiny_files["sd1"]), tmp_path / "Lora", work_dir=tmp_path / "runs", log=quiet)
+    return host, data, JobRunner()
+
+
+def _cfg(data, host, **kw):
+    keys = dict(train_data_dir=str(data), output_dir=str(host.work_dir()), output_name="style", max_train_steps=4,
+                sample_steps=3, caption_prefix="zzstyle", learning_rate=5e-2)
+    keys.update(kw)
+    return base_config(**keys)
+
+
+def _poll_to_end(runner, timeout=300):
+    seen, index, deadline = [], 0, time.time() + timeout
+    while time.time() < deadline:
+        events, index = runner.events_since(index)
+        seen += events
+        if runner.status()["state"] in TERMINAL:
+            events, index = runner.events_since(index)
+            return seen + events
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not end: {runner.status()}")
+
+
+def test_job_runs_to_the_end_installs_the_file_and_previews_prove_it(setup):
+    from peft.tuners.lora import LoraLayer
+
+    host, data, runner = setup
+    assert runner.status() == {"id": None, "state": "idle"}
+    job = runner.start(_cfg(data, host, save_steps=2), host)
+    assert job.run_dir == host.work_dir() / "style"
+    with pytest.raises(JobError, match="already running"):
+        runner.start(_cfg(data, host), host)
+    events = _poll_to_end(runner)
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("started") < kinds.index("step") < kinds.index("finished")
+    steps = [e["step"] for e in events if e["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]
+    st = runner.status()
+    assert st["state"] == "finished" and st["step"] == st["total_steps"] == 4 and st["error"] is None
+    lora = host.lora_dir() / "style.safetensors"
+    assert Path(st["lora_path"]) == lora and lora.is_file()
+    assert json.loads(lora.with_suffix(".json").read_text())["activation text"] == "zzstyle"
+    assert Path(st["preview_path"]) == lora.with_suffix(".png") and lora.with_suffix(".png").is_file()
+    assert [c["step"] for c in st["checkpoints"]] == [2] and Path(st["checkpoints"][0]["lora"]).is_file()
+    assert any("installed" in e["message"] for e in events)
+    sd, meta = read_lora(lora)
+    assert meta["ss_output_name"] == "style" and meta["ss_steps"] == "4"
+    # the host's model is clean again: the trainer's LoRA layers were taken out
+    model = host.base_model()
+    assert not any(isinstance(m, LoraLayer) for m in model.unet.modules())
+    assert not model.unet.training
+    # the preview loads the FILE: weight 0 equals the base model, weight 1 differs
+    base = np.asarray(host.preview("zzstyle, red square", None, 0.0, 11, 3, 64))
+    w0 = np.asarray(host.preview("zzstyle, red square", "style", 0.0, 11, 3, 64))
+    w1 = np.asarray(host.preview("zzstyle, red square", "style", 1.0, 11, 3, 64))
+    assert np.array_equal(base, w0)
+    assert np.abs(base.astype(int) - w1.astype(int)).mean() > 0.5
+    # a second run of the same name never replaces the first
+    first_bytes = lora.read_bytes()
+    runner.start(_cfg(data, host, save_steps=0), host)
+    _poll_to_end(runner)
+    st2 = runner.status()
+    assert st2["state"] == "finished" and Path(st2["lora_path"]).name == "style_2.safetensors"
+    assert lora.read_bytes() == first_bytes and read_lora(lora)[1]["ss_session_id"] == meta["ss_session_id"]
+
+
+def test_stop_saves_a_checkpoint_and_resume_finishes(setup):
+    host, data, runner = setup
+    cfg = _cfg(data, host, max_train_steps=8, output_name="resumable")
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        runner.start(cfg, host, resume=True)  # nothing to resume yet: said at once, not in the log later
+    job = runner.start(cfg, host, preview_after=False)
+    deadline = time.time() + 300
+    while job.step < 2 and not job.done and time.time() < deadline:
+        time.sleep(0.02)
+    assert runner.stop()
+    _poll_to_end(runner)
+    st = runner.status()
+    assert st["state"] == "stopped" and 2 <= st["step"] < 8 and st["lora_path"] is None
+    assert Path(st["last_checkpoint"]).name == f"checkpoint-{st['step']}"
+    assert not (host.lora_dir() / "resumable.safetensors").exists()
+    assert not runner.stop()  # nothing running any more
+    runner.start(cfg, host, resume=True, preview_after=False)
+    events = _poll_to_end(runner)
+    st = runner.status()
+    assert st["state"] == "finished" and st["step"] == 8
+    assert any("resumed from" in e["message"] for e in events)
+    assert (host.lora_dir() / "resumable.safetensors").is_file()
+
+
+def test_failures_reach_the_status_with_a_message(setup, tmp_path):
+    host, data, runner = setup
+    with pytest.raises(ConfigError, match="train_data_dir"):
+        runner.start(_cfg(data, host, train_data_dir=None), host)
+    with pytest.raises(ConfigError, match="not a folder"):
+        runner.start(_cfg(tmp_path / "missing", host), host)
+    with pytest.raises(ConfigError, match="text-generation"):
+        runner.start(_cfg(data, host, task_type="text-generation"), host)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runner.start(_cfg(empty, host), host)
+    events = _poll_to_end(runner)
+    st = runner.status()
+    assert st["state"] == "failed" and st["error"]
+    assert [e for e in events if e["kind"] == "failed"]  # exactly the engine's message, once
+    assert len([e for e in events if e["kind"] == "failed"]) == 1
+    # a host that cannot load its model fails the job with its message (no traceback for the person)
+    broken = StandaloneHost(str(tmp_path / "nope.safetensors"), tmp_path / "Lora2", log=quiet)
+    runner.start(_cfg(data, broken, base_model=None), broken)
+    _poll_to_end(runner)
+    st = runner.status()
+    assert st["state"] == "failed" and "cannot load the base model" in st["error"]
