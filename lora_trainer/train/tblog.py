@@ -8,9 +8,14 @@ from typing import Optional
 class ScalarLog:
     def __init__(self, log_dir: Optional[Path]):
         self._writer = None
+        self.unavailable = ""  # why no log is written although one was asked for
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # e.g. a WebUI venv without tensorboard: train anyway, say so
+                self.unavailable = ("log_with: tensorboard, but the tensorboard package is not installed (pip install "
+                                    "tensorboard); training goes on without TensorBoard logs")
+                return
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(log_dir))
 

@@ -288,6 +288,8 @@ class Trainer:
 
         tb = ScalarLog(Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs") \
             if cfg.log_with == "tensorboard" else ScalarLog(None)
+        if tb.unavailable:
+            self.log(tb.unavailable)
         session_id = new_session_id()
         prompts = load_prompts(cfg.sample_prompts)
         sw, sh = sample_size(cfg)
