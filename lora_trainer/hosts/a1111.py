@@ -147,6 +147,7 @@ class _QueueLock:
 # ---- the adapter ------------------------------------------------------------------------------------
 class A1111Host(Host):
     kind = "a1111"
+    display_name = "the WebUI"
 
     def __init__(self, log: Callable[[str], None] = print):
         self._log = log
@@ -256,18 +257,25 @@ class A1111Host(Host):
         cfg, notes = super().prepare_config(cfg)
         changes = {}
         if cfg.device == "auto":
-            changes["device"] = str(self._m("devices").device)
+            changes["device"] = str(self._device())
         sd_model = self._sd_model()
         if sd_model is not None:
-            dtype = next(sd_model.model.diffusion_model.parameters()).dtype
+            dtype = next(self._unet(sd_model).parameters()).dtype
             if dtype in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
                 changes["mixed_precision"] = "fp16" if dtype == torch.float16 else "bf16"
-                notes.append(f"the WebUI keeps the model in {str(dtype).replace('torch.', '')}: training with "
+                notes.append(f"{self.display_name} keeps the model in {str(dtype).replace('torch.', '')}: training with "
                              f"mixed_precision {changes['mixed_precision']} (the LoRA itself stays float32)")
             info = getattr(sd_model, "sd_checkpoint_info", None)
             if not cfg.base_model and getattr(info, "filename", None):
                 changes["base_model"] = str(info.filename)
         return (cfg.replace(**changes) if changes else cfg), notes
+
+    def _device(self):
+        return self._m("devices").device
+
+    @staticmethod
+    def _unet(sd_model):
+        return sd_model.model.diffusion_model
 
     # -- contexts -----------------------------------------------------------------------------------
     @contextmanager
@@ -291,8 +299,7 @@ class A1111Host(Host):
         if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
             raise HostError(self._memory_problem(None))
         with self._lock().hold(None, "", stop=stop):
-            sd_model = self._sd_model()
-            moved = self._to_device_for_medvram(sd_model)
+            undo = self._model_to_training_device()
             tracker = _StateTracker(shared.state, stop)
             if events is not None:
                 events.subscribe(tracker.on_event)
@@ -301,8 +308,12 @@ class A1111Host(Host):
                 yield
             finally:
                 tracker.end()
-                if moved:
-                    self._back_to_cpu(moved)
+                undo()
+
+    def _model_to_training_device(self) -> Callable[[], None]:
+        """Puts the whole model on the training device (called under the queue lock); returns the undo."""
+        moved = self._to_device_for_medvram(self._sd_model())
+        return (lambda: self._back_to_cpu(moved)) if moved else (lambda: None)
 
     def _to_device_for_medvram(self, sd_model) -> list:
         """--medvram keeps only one of UNet / VAE / text encoder on the GPU at a time; training needs them all

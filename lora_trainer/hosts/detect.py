@@ -34,7 +34,7 @@ def host_for_webui(log=print):
 
         return A1111Host(log=log)
     if kind == "forge":
-        raise RuntimeError("lora-trainer does not support Forge yet (its weights live under inference_mode and its "
-                           "memory manager offloads models); use AUTOMATIC1111 v1.10 or the standalone "
-                           "`python -m lora_trainer ui`")
+        from .forge import ForgeHost
+
+        return ForgeHost(log=log)
     raise RuntimeError("not running inside a WebUI; use `python -m lora_trainer ui --base_model PATH`")

@@ -18,6 +18,9 @@ SD1_TE_PREFIX = "cond_stage_model.transformer."
 SD2_TE_PREFIX = "cond_stage_model.model."
 SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TE2_PREFIX = "conditioner.embedders.1.model."
+# The OpenCLIP encoders already in transformers' layout (separate q/k/v), as Forge holds them in memory:
+# SD2's under the SD1 prefix (told apart by its width), SDXL's second beside the first.
+SDXL_TE2_HF_PREFIX = "conditioner.embedders.1.transformer."
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

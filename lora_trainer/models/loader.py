@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -43,7 +44,8 @@ def normalize_ldm_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             k = "conditioner.embedders.0." + k[len("conditioner.embedders.0.wrapped."):]
         if k.startswith("conditioner.embedders.1.wrapped."):
             k = "conditioner.embedders.1." + k[len("conditioner.embedders.1.wrapped."):]
-        if k.startswith(names.SD1_TE_PREFIX) and not k.startswith(names.SD1_TE_PREFIX + "text_model."):
+        if k.startswith(names.SD1_TE_PREFIX) and not k.startswith((names.SD1_TE_PREFIX + "text_model.",
+                                                                   names.SD1_TE_PREFIX + "text_projection.")):
             k = names.SD1_TE_PREFIX + "text_model." + k[len(names.SD1_TE_PREFIX):]
         out[k] = v
     return out
@@ -55,7 +57,7 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
     if not has(names.UNET_PREFIX):
         raise ModelLoadError("this file has no UNet weights (model.diffusion_model.*): it is not a Stable Diffusion "
                              "checkpoint (a LoRA, VAE or embedding perhaps?)")
-    if has(names.SDXL_TE2_PREFIX) and has(names.SDXL_TE1_PREFIX):
+    if (has(names.SDXL_TE2_PREFIX) or has(names.SDXL_TE2_HF_PREFIX)) and has(names.SDXL_TE1_PREFIX):
         return "sdxl"
     if has("conditioner.embedders.0.model."):
         raise ModelLoadError("this looks like the SDXL refiner (one OpenCLIP text encoder); LoRA training supports "
@@ -63,7 +65,9 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
     if has(names.SD2_TE_PREFIX):
         return "sd2"
     if has(names.SD1_TE_PREFIX):
-        return "sd1"
+        # CLIP ViT-L (SD1) is 768 wide; a 1024-wide encoder here is SD2's OpenCLIP ViT-H in transformers' layout
+        emb = sd.get(names.SD1_TE_PREFIX + "text_model.embeddings.token_embedding.weight")
+        return "sd2" if emb is not None and emb.shape[1] == 1024 else "sd1"
     if any(k.startswith("model.diffusion_model.joint_blocks") or "double_blocks" in k for k in keys):
         raise ModelLoadError("SD3 and Flux checkpoints are not supported yet (SD1, SD2 and SDXL are)")
     raise ModelLoadError("cannot tell the model family: no known text encoder weights were found "
@@ -122,7 +126,7 @@ def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> 
 
 
 def _clip_config_from_weights(sd: dict[str, torch.Tensor], openclip_prefix: Optional[str], hf_prefix: Optional[str],
-                              num_layers_drop: int = 0, projection: bool = False):
+                              num_layers_drop: int = 0, projection: bool = False, act: Optional[str] = None):
     """Text-encoder sizes read from the tensors' shapes (a yaml never gives them)."""
     from transformers import CLIPTextConfig
 
@@ -141,13 +145,28 @@ def _clip_config_from_weights(sd: dict[str, torch.Tensor], openclip_prefix: Opti
         pos = sd[p + "embeddings.position_embedding.weight"]
         layers = 1 + max(int(k[len(p):].split(".")[2]) for k in sd if k.startswith(p + "encoder.layers."))
         inter = sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0]
-        act = "quick_gelu"
-        proj_dim = emb.shape[1]
+        act = act or "quick_gelu"  # OpenAI's CLIP; OpenCLIP's encoders use gelu
+        proj_key = hf_prefix + "text_projection.weight"
+        proj_dim = sd[proj_key].shape[0] if proj_key in sd else emb.shape[1]
     hidden = emb.shape[1]
     return CLIPTextConfig(vocab_size=emb.shape[0], hidden_size=hidden, intermediate_size=inter,
                           num_hidden_layers=layers - num_layers_drop, num_attention_heads=max(1, hidden // 64),
                           max_position_embeddings=pos.shape[0], hidden_act=act, projection_dim=proj_dim,
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def _hf_text_encoder(sd: dict[str, torch.Tensor], prefix: str, num_layers: Optional[int]) -> dict[str, torch.Tensor]:
+    """A text encoder already in transformers' layout, prefix stripped; layers from `num_layers` on left out."""
+    out = {}
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        key = key[len(prefix):]
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.", key)
+        if m and num_layers is not None and int(m[1]) >= num_layers:
+            continue
+        out[key] = value
+    return out
 
 
 def _text_encoder(config, weights: dict[str, torch.Tensor], projection: bool, what: str):
@@ -216,6 +235,8 @@ def build_from_ldm_state_dict(sd: dict[str, torch.Tensor], *, family: str = "aut
 
     sd = normalize_ldm_keys(sd)
     detected = detect_family(sd)
+    if family == "sd2" and detected == "sd1":
+        detected = "sd2"  # SD2's encoder in transformers' layout has SD1's keys; only a full-size one's width tells
     if family not in ("auto", detected):
         raise ModelLoadError(f"model_family is {family!r} but the weights are {detected.upper()} "
                              f"(set model_family: auto or {detected})")
@@ -253,16 +274,24 @@ def build_from_ldm_state_dict(sd: dict[str, torch.Tensor], *, family: str = "aut
     elif family == "sd2":
         # SD2 conditions on the penultimate layer: build the encoder without the last one (as diffusers does),
         # so last_hidden_state is what SD2 uses and the unused layer's tensors are left alone.
-        te_cfg = _clip_config_from_weights(sd, names.SD2_TE_PREFIX, None, num_layers_drop=1)
-        te_sd = names.openclip_to_hf(sd, names.SD2_TE_PREFIX, num_layers=te_cfg.num_hidden_layers)
+        if any(k.startswith(names.SD2_TE_PREFIX) for k in sd):
+            te_cfg = _clip_config_from_weights(sd, names.SD2_TE_PREFIX, None, num_layers_drop=1)
+            te_sd = names.openclip_to_hf(sd, names.SD2_TE_PREFIX, num_layers=te_cfg.num_hidden_layers)
+        else:
+            te_cfg = _clip_config_from_weights(sd, None, names.SD1_TE_PREFIX, num_layers_drop=1, act="gelu")
+            te_sd = _hf_text_encoder(sd, names.SD1_TE_PREFIX, te_cfg.num_hidden_layers)
         te_sd.pop("text_projection.weight", None)
         encoders = [_text_encoder(te_cfg, te_sd, False, "text encoder (OpenCLIP)")]
         tokenizers = [clip_tokenizer(tokenizer_folder, pad_token="!")]
     else:
         te1_cfg = _clip_config_from_weights(sd, None, names.SDXL_TE1_PREFIX)
         te1_sd = {k[len(names.SDXL_TE1_PREFIX):]: v for k, v in sd.items() if k.startswith(names.SDXL_TE1_PREFIX)}
-        te2_cfg = _clip_config_from_weights(sd, names.SDXL_TE2_PREFIX, None, projection=True)
-        te2_sd = names.openclip_to_hf(sd, names.SDXL_TE2_PREFIX)
+        if any(k.startswith(names.SDXL_TE2_PREFIX) for k in sd):
+            te2_cfg = _clip_config_from_weights(sd, names.SDXL_TE2_PREFIX, None, projection=True)
+            te2_sd = names.openclip_to_hf(sd, names.SDXL_TE2_PREFIX)
+        else:
+            te2_cfg = _clip_config_from_weights(sd, None, names.SDXL_TE2_HF_PREFIX, projection=True, act="gelu")
+            te2_sd = _hf_text_encoder(sd, names.SDXL_TE2_HF_PREFIX, None)
         encoders = [_text_encoder(te1_cfg, te1_sd, False, "text encoder 1"),
                     _text_encoder(te2_cfg, te2_sd, True, "text encoder 2 (OpenCLIP)")]
         tok = clip_tokenizer(tokenizer_folder)
