@@ -36,7 +36,8 @@ class FakePatcher:
 
 def _integrated_clip(hf: dict, extra_projection: bool) -> torch.nn.Module:
     wrapper = torch.nn.Module()
-    flat = dict(hf)
+    # Forge wraps the token embedding for textual inversion, as A1111 does
+    flat = {k.replace(".token_embedding.weight", ".token_embedding.wrapped.weight"): v for k, v in hf.items()}
     if extra_projection:  # Forge gives CLIP-L a projection it never uses
         width = hf["text_model.final_layer_norm.weight"].shape[0]
         flat["text_projection.weight"] = torch.randn(width, width)

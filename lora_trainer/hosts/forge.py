@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from .a1111 import LOCK_WAIT_S, A1111Host
+from .a1111 import LOCK_WAIT_S, A1111Host, live_to_ldm_state_dict
 from .base import CheckpointInfo, HostError, LoadedCheckpoint
 
 _QUANTIZED = ("float8", "nf4", "fp4", "gguf")
@@ -61,7 +61,8 @@ def forge_live_state_dict(unet, text_encoders: dict, vae, family: str) -> dict:
             if not key.startswith(("text_model.", "text_projection.")):
                 key = "text_model." + key  # transformers 5 dropped the text_model level
             out[prefix + key] = value
-    return out
+    # Forge wraps the token embedding for textual inversion as A1111 does (token_embedding.wrapped.weight)
+    return live_to_ldm_state_dict(out)
 
 
 def make_trainable(*modules) -> int:
