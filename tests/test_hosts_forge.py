@@ -42,6 +42,9 @@ def _integrated_clip(hf: dict, extra_projection: bool) -> torch.nn.Module:
         width = hf["text_model.final_layer_norm.weight"].shape[0]
         flat["text_projection.weight"] = torch.randn(width, width)
     wrapper.transformer = module_tree(flat)
+    # ...and registers the same tensor a second time on the wrapper (CLIPEmbeddingForTextualInversion)
+    emb = wrapper.transformer.text_model.embeddings.token_embedding
+    emb.weight = emb.wrapped.weight
     wrapper.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
     return wrapper
 
@@ -148,9 +151,13 @@ def test_make_trainable_swaps_inference_tensors_in_place():
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         torch.nn.functional.linear(x, layer.weight).sum().backward()
+    with torch.inference_mode():
+        layer.twin = torch.nn.Module()
+    layer.twin.weight = layer.weight  # one tensor registered in two modules, as Forge's TI wrapper does
     weight = layer.weight.detach().clone()
     assert make_trainable(layer) == 3  # weight, bias, buffer
     assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
+    assert layer.twin.weight is layer.weight  # still one tensor, not two copies
     assert not layer.weight.is_inference() and torch.equal(layer.weight, weight)
     torch.nn.functional.linear(x, layer.weight).sum().backward()  # now autograd can save it
     assert x.grad is not None

@@ -61,6 +61,12 @@ def forge_live_state_dict(unet, text_encoders: dict, vae, family: str) -> dict:
             if not key.startswith(("text_model.", "text_projection.")):
                 key = "text_model." + key  # transformers 5 dropped the text_model level
             out[prefix + key] = value
+    # Forge's textual-inversion wrapper registers the token embedding twice (`token_embedding.weight` and
+    # `token_embedding.wrapped.weight`, one tensor): keep one name.
+    for key in [k for k in out if ".token_embedding.wrapped." in k]:
+        twin = out.get(key.replace(".token_embedding.wrapped.", ".token_embedding."))
+        if twin is not None and twin.data_ptr() == out[key].data_ptr() and twin.shape == out[key].shape:
+            del out[key]
     # Forge wraps the token embedding for textual inversion as A1111 does (token_embedding.wrapped.weight)
     return live_to_ldm_state_dict(out)
 
@@ -75,21 +81,26 @@ def make_trainable(*modules) -> int:
 
     if torch.is_inference_mode_enabled():
         raise HostError("make_trainable was called under torch.inference_mode()")
-    replaced = 0
+    swapped: dict[int, torch.Tensor] = {}  # a tensor registered twice (Forge's TI wrapper) stays one tensor
     with torch.no_grad():
         for root in modules:
             for module in root.modules():
                 for store in (module._parameters, module._buffers):
                     for name, tensor in list(store.items()):
-                        if tensor is None or not tensor.is_inference():
+                        if tensor is None:
+                            continue
+                        if id(tensor) in swapped:
+                            store[name] = swapped[id(tensor)]
+                            continue
+                        if not tensor.is_inference():
                             continue
                         fresh = tensor.clone()
                         if isinstance(tensor, torch.nn.Parameter):
                             fresh = torch.nn.Parameter(fresh, requires_grad=False)
                         store[name] = fresh
+                        swapped[id(tensor)] = fresh
                         del tensor
-                        replaced += 1
-    return replaced
+    return len(swapped)
 
 
 def lora_patch_counts(patchers, filename: str) -> int:
