@@ -34,8 +34,9 @@ class FakePatcher:
         self.refreshed += 1
 
 
-def _integrated_clip(hf: dict, extra_projection: bool) -> torch.nn.Module:
+def _integrated_clip(hf: dict, extra_projection: bool, dtype=torch.float32) -> torch.nn.Module:
     wrapper = torch.nn.Module()
+    hf = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf.items()}
     # Forge wraps the token embedding for textual inversion, as A1111 does
     flat = {k.replace(".token_embedding.weight", ".token_embedding.wrapped.weight"): v for k, v in hf.items()}
     if extra_projection:  # Forge gives CLIP-L a projection it never uses
@@ -49,7 +50,7 @@ def _integrated_clip(hf: dict, extra_projection: bool) -> torch.nn.Module:
     return wrapper
 
 
-def fake_forge_model(family: str, tmp_path: Path, kind: str = None):
+def fake_forge_model(family: str, tmp_path: Path, kind: str = None, te_dtype=torch.float32):
     sd, original = tiny_ldm_state_dict(family, v_prediction=(family == "sd2"))
     with torch.inference_mode():  # Forge loads its weights like this
         forge_sd = {k: v.clone() for k, v in sd.items()}
@@ -58,15 +59,15 @@ def fake_forge_model(family: str, tmp_path: Path, kind: str = None):
         encoders = torch.nn.Module()
         if family == "sd1":
             hf = {k[len(names.SD1_TE_PREFIX):]: v for k, v in forge_sd.items() if k.startswith(names.SD1_TE_PREFIX)}
-            encoders.clip_l = _integrated_clip(hf, True)
+            encoders.clip_l = _integrated_clip(hf, True, te_dtype)
         elif family == "sd2":
             hf = {k: v.clone().contiguous() for k, v in names.openclip_to_hf(forge_sd, names.SD2_TE_PREFIX).items()}
-            encoders.clip_h = _integrated_clip(hf, False)
+            encoders.clip_h = _integrated_clip(hf, False, te_dtype)
         else:
             hf1 = {k[len(names.SDXL_TE1_PREFIX):]: v for k, v in forge_sd.items() if k.startswith(names.SDXL_TE1_PREFIX)}
             hf2 = {k: v.clone().contiguous() for k, v in names.openclip_to_hf(forge_sd, names.SDXL_TE2_PREFIX).items()}
-            encoders.clip_l = _integrated_clip(hf1, True)
-            encoders.clip_g = _integrated_clip(hf2, False)
+            encoders.clip_l = _integrated_clip(hf1, True, te_dtype)
+            encoders.clip_g = _integrated_clip(hf2, False, te_dtype)
     kmodel = SimpleNamespace(diffusion_model=unet, storage_dtype=torch.float32,
                              predictor=SimpleNamespace(prediction_type="v_prediction" if family == "sd2" else "epsilon"))
     objs = SimpleNamespace(unet=FakePatcher(kmodel),
@@ -260,7 +261,8 @@ def test_a_whole_job_trains_on_forge_inference_weights_and_leaves_them_unchanged
     from lora_trainer.network.kohya_file import read_lora
     from lora_trainer.ui.jobs import JobRunner
 
-    model = fake_forge_model("sd1", tmp_path)[0]
+    # Forge keeps text encoders in fp16 even when the UNet is fp32 (always on the CPU)
+    model = fake_forge_model("sd1", tmp_path, te_dtype=torch.float16)[0]
     forge.pending = model  # not loaded yet: the job must load it
     objs = model.forge_objects_original
     roots = [objs.unet.model.diffusion_model, objs.vae.first_stage_model, objs.clip.cond_stage_model]

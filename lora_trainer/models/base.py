@@ -119,8 +119,11 @@ def encode_prompts(model: BaseModel, texts: list[str], clip_skip: int = 1, max_t
             hidden = out.hidden_states[-clip_skip]
             hidden = clip_final_layer_norm(te)(hidden)
         embeds_per_encoder.append(hidden.view(b, n * length, -1))
-    embeds = torch.cat(embeds_per_encoder, dim=-1)
-    return embeds, pooled, truncated_total
+    # A host may keep its text encoders in another precision than its UNet (Forge: fp16 encoders, an fp32
+    # UNet on the CPU): hand the UNet its own dtype.
+    unet_dtype = next(model.unet.parameters()).dtype
+    embeds = torch.cat([e.to(unet_dtype) for e in embeds_per_encoder], dim=-1)
+    return embeds, None if pooled is None else pooled.to(unet_dtype), truncated_total
 
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, device, dtype) -> torch.Tensor:
