@@ -46,6 +46,11 @@ def _integrated_clip(hf: dict, extra_projection: bool, dtype=torch.float32) -> t
     # ...and registers the same tensor a second time on the wrapper (CLIPEmbeddingForTextualInversion)
     emb = wrapper.transformer.text_model.embeddings.token_embedding
     emb.weight = emb.wrapped.weight
+    if dtype != torch.float32:  # after its first prompt Forge keeps both embeddings in fp32, the layers in fp16
+        embeddings = wrapper.transformer.text_model.embeddings
+        for m in (embeddings.position_embedding, emb.wrapped):
+            m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=False)
+        emb.weight = emb.wrapped.weight
     wrapper.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
     return wrapper
 
@@ -261,7 +266,7 @@ def test_a_whole_job_trains_on_forge_inference_weights_and_leaves_them_unchanged
     from lora_trainer.network.kohya_file import read_lora
     from lora_trainer.ui.jobs import JobRunner
 
-    # Forge keeps text encoders in fp16 even when the UNet is fp32 (always on the CPU)
+    # Forge keeps text encoders in fp16 (embeddings in fp32) even when the UNet is fp32 (always on the CPU)
     model = fake_forge_model("sd1", tmp_path, te_dtype=torch.float16)[0]
     forge.pending = model  # not loaded yet: the job must load it
     objs = model.forge_objects_original

@@ -144,7 +144,7 @@ class Host(ABC):
 
     def base_model(self, family: str = "auto", log: Callable[[str], None] = print):
         """The engine's BaseModel on the host's weights (diffusers modules that share the host's tensors)."""
-        from ..models.base import BaseModel
+        from ..models.base import BaseModel, align_text_encoder_dtypes
         from ..models.loader import build_from_ldm_state_dict
 
         loaded = self.loaded_checkpoint()
@@ -160,6 +160,7 @@ class Host(ABC):
         if family not in ("auto", None, model.family):
             raise ConfigError(f"model_family is {family!r} but the loaded checkpoint is {model.family.upper()} "
                               f"({model.name}); set model_family: auto or load a {family.upper()} checkpoint")
+        align_text_encoder_dtypes(model)  # a host's encoders may mix precisions (Forge)
         return model
 
     # -- LoRA files ---------------------------------------------------------------------------------

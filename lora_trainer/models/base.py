@@ -126,6 +126,27 @@ def encode_prompts(model: BaseModel, texts: list[str], clip_skip: int = 1, max_t
     return embeds, None if pooled is None else pooled.to(unet_dtype), truncated_total
 
 
+def align_text_encoder_dtypes(model: BaseModel) -> int:
+    """Makes text encoders whose embeddings are in another dtype than their layers run without copying.
+
+    Forge turns its encoders' token and position embeddings into fp32 at every prompt it encodes while the
+    layers stay fp16 (its own layers cast on the fly; transformers' do not). A forward hook casts the
+    embeddings' output to the layers' dtype. Returns how many encoders needed it."""
+    fixed = 0
+    for te in model.text_encoders:
+        embeddings = next((m for m in te.modules() if hasattr(m, "position_embedding") and hasattr(m, "token_embedding")),
+                          None)
+        layer = next((m for m in te.modules() if isinstance(m, torch.nn.Linear)), None)
+        if embeddings is None or layer is None:
+            continue
+        target = layer.weight.dtype
+        if all(p.dtype == target for p in embeddings.parameters()) or getattr(embeddings, "_lt_dtype_hook", None):
+            continue
+        embeddings._lt_dtype_hook = embeddings.register_forward_hook(lambda _m, _i, out, t=target: out.to(t))
+        fixed += 1
+    return fixed
+
+
 def sdxl_time_ids(original_size, crop_top_left, target_size, device, dtype) -> torch.Tensor:
     """SDXL's size and crop conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
     return torch.tensor([list(original_size) + list(crop_top_left) + list(target_size)], device=device,
