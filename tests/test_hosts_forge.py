@@ -51,6 +51,10 @@ def _integrated_clip(hf: dict, extra_projection: bool, dtype=torch.float32) -> t
         for m in (embeddings.position_embedding, emb.wrapped):
             m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=False)
         emb.weight = emb.wrapped.weight
+        # and a layer of another precision inside (what a real Forge showed after patching LoRAs in and out)
+        out_proj = wrapper.transformer.text_model.encoder.layers._modules["0"].self_attn.out_proj
+        for name in ("weight", "bias"):
+            setattr(out_proj, name, torch.nn.Parameter(getattr(out_proj, name).float(), requires_grad=False))
     wrapper.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
     return wrapper
 

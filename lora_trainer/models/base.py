@@ -127,22 +127,31 @@ def encode_prompts(model: BaseModel, texts: list[str], clip_skip: int = 1, max_t
 
 
 def align_text_encoder_dtypes(model: BaseModel) -> int:
-    """Makes text encoders whose embeddings are in another dtype than their layers run without copying.
+    """Lets text encoders that mix precisions run without copying their weights.
 
     Forge turns its encoders' token and position embeddings into fp32 at every prompt it encodes while the
-    layers stay fp16 (its own layers cast on the fly; transformers' do not). A forward hook casts the
-    embeddings' output to the layers' dtype. Returns how many encoders needed it."""
+    rest stays fp16, and patches weights in and out for its own LoRAs; its layers cast on the fly,
+    transformers' do not. In an encoder with more than one weight dtype, every layer with a weight gets a
+    forward pre-hook that casts a floating-point input to that weight's dtype, and the embeddings' output is
+    cast to the dtype of the encoder's first linear layer. Returns how many encoders needed it."""
     fixed = 0
     for te in model.text_encoders:
+        if len({p.dtype for p in te.parameters()}) < 2 or getattr(te, "_lt_dtype_hooks", None):
+            continue
+        hooks = []
+        for module in te.modules():
+            weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+            if weight is None or isinstance(module, torch.nn.Embedding):
+                continue
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, t=weight.dtype: tuple(a.to(t) if torch.is_tensor(a) and a.is_floating_point()
+                                                      else a for a in args)))
         embeddings = next((m for m in te.modules() if hasattr(m, "position_embedding") and hasattr(m, "token_embedding")),
                           None)
         layer = next((m for m in te.modules() if isinstance(m, torch.nn.Linear)), None)
-        if embeddings is None or layer is None:
-            continue
-        target = layer.weight.dtype
-        if all(p.dtype == target for p in embeddings.parameters()) or getattr(embeddings, "_lt_dtype_hook", None):
-            continue
-        embeddings._lt_dtype_hook = embeddings.register_forward_hook(lambda _m, _i, out, t=target: out.to(t))
+        if embeddings is not None and layer is not None:
+            hooks.append(embeddings.register_forward_hook(lambda _m, _i, out, t=layer.weight.dtype: out.to(t)))
+        te._lt_dtype_hooks = hooks
         fixed += 1
     return fixed
 
