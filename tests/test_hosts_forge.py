@@ -114,6 +114,7 @@ def forge(webui, monkeypatch, tmp_path):  # noqa: F811
 
     ns.sd_models.forge_model_reload = forge_model_reload
     ns.sd_models.model_data.sd_model = type("FakeInitialModel", (), {})()
+    ns.sd_models.model_data.forge_loading_parameters = {}
     backend = types.ModuleType("backend")
     backend.__path__ = []
     monkeypatch.setitem(sys.modules, "backend", backend)
@@ -188,11 +189,20 @@ def test_lora_patch_counts_finds_the_patches_of_a_file(tmp_path):
 
 
 # ---- the adapter ---------------------------------------------------------------------------------------
-def test_checkpoint_info_loads_the_lazy_model_and_names_the_family(forge, tmp_path):
+def test_checkpoint_info_names_the_pending_model_and_training_loads_it(forge, tmp_path):
     host = ForgeHost(log=quiet)
     info = host.checkpoint_info()
-    assert not info.supported and "could not load" in info.message and "forge_model_reload" in forge.calls
-    forge.pending = fake_forge_model("sdxl", tmp_path)[0]
+    assert not info.supported and "No checkpoint is selected" in info.message
+    model = fake_forge_model("sdxl", tmp_path)[0]
+    forge.sd_models.model_data.forge_loading_parameters = {"checkpoint_info": model.sd_checkpoint_info}
+    info = host.checkpoint_info()  # shown on every page load: never loads the model itself
+    assert info.family is None and "forge-sdxl" in info.describe() and "first use" in info.message
+    assert info.path == model.sd_checkpoint_info.filename and "forge_model_reload" not in forge.calls
+    with pytest.raises(HostError, match="could not load"):  # Forge's own error, named
+        host.loaded_checkpoint()
+    forge.pending = model
+    loaded = host.loaded_checkpoint()
+    assert loaded.family == "sdxl" and "forge_model_reload" in forge.calls
     info = host.checkpoint_info()
     assert info.supported and info.family == "sdxl" and info.title.startswith("forge-sdxl")
     forge.calls.clear()

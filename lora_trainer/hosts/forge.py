@@ -144,19 +144,32 @@ class ForgeHost(A1111Host):
         with self._lock().hold(LOCK_WAIT_S, "Forge is busy; try again when its current job has finished"):
             try:
                 model, _ = self._m("sd_models").forge_model_reload()
+            except KeyError as exc:  # no forge_loading_parameters yet
+                raise HostError("No checkpoint is selected in Forge: pick one in the Checkpoint list at the top.") \
+                    from exc
             except Exception as exc:  # Forge raises plain ValueError/AssertionError for a missing or odd file
                 raise HostError(f"Forge could not load its checkpoint: {exc}") from exc
         return self._sd_model()
 
     # -- checkpoint ---------------------------------------------------------------------------------
     def checkpoint_info(self) -> CheckpointInfo:
-        try:
-            sd_model = self._load()
-        except HostError as exc:
-            return CheckpointInfo(None, "", supported=False, message=str(exc))
+        """What Forge has loaded; before its first use, what it will load (nothing is loaded here: the tab
+        asks on every page load, and loading an SDXL checkpoint takes a while)."""
+        sd_model = self._sd_model()
         if sd_model is None:
-            return CheckpointInfo(None, "", supported=False,
-                                  message="No checkpoint is loaded in Forge: pick one in the Checkpoint list at the top.")
+            try:
+                params = self._m("sd_models").model_data.forge_loading_parameters or {}
+            except (ImportError, AttributeError):
+                params = {}
+            selected = params.get("checkpoint_info")
+            if selected is None:
+                return CheckpointInfo(None, "", supported=False,
+                                      message="No checkpoint is selected in Forge: pick one in the Checkpoint list at "
+                                              "the top.")
+            title = getattr(selected, "title", None) or getattr(selected, "name", None) or "checkpoint"
+            return CheckpointInfo(None, title, getattr(selected, "filename", None), getattr(selected, "sha256", None),
+                                  supported=True, message=f"{title}: Forge loads it on first use (a generation, or "
+                                                          f"when training starts); its family is checked then.")
         info = getattr(sd_model, "sd_checkpoint_info", None)
         title = getattr(info, "title", None) or getattr(info, "name", None) or "checkpoint"
         path = getattr(info, "filename", None)
@@ -214,6 +227,7 @@ class ForgeHost(A1111Host):
         return _read_yaml_beside(Path(path)) if path else None
 
     def loaded_checkpoint(self) -> LoadedCheckpoint:
+        self._load()
         info = self.checkpoint_info()
         sd_model = self._sd_model()
         if sd_model is None or not info.supported:

@@ -58,7 +58,7 @@ def build_tab(host, runner: Optional[JobRunner] = None):
         # ---- Base model -----------------------------------------------------------------------------
         gr.Markdown("### 1. Base model", elem_id="lora_trainer_h_base")
         with gr.Row():
-            base_info = gr.Textbox(label="Base model (from the WebUI)", value=ctl.base_model_text(), lines=2,
+            base_info = gr.Textbox(label="Base model (from the WebUI)", value=ctl.base_model_text, lines=2,
                                    interactive=False, elem_id="lora_trainer_base_info", scale=4)
             base_refresh = gr.Button("Refresh", elem_id="lora_trainer_base_refresh", scale=1)
         if hasattr(host, "set_base_model"):
