@@ -306,3 +306,17 @@ def test_a_whole_job_trains_on_forge_inference_weights_and_leaves_them_unchanged
         assert torch.equal(after[k], v), k  # Forge's weights are exactly as before
     assert not any(p.is_inference() for m in roots for p in m.parameters())
     assert forge.gpu_loads and not forge.lock.held
+
+
+def test_text_encoders_in_another_precision_than_the_unet_get_dtype_guards(tmp_path):
+    from lora_trainer.models.base import align_text_encoder_dtypes, encode_prompts
+    from lora_trainer.models.tiny import build_tiny
+
+    model = build_tiny("sd1")
+    assert align_text_encoder_dtypes(model) == 0  # one precision everywhere: nothing to do
+    model.text_encoders[0].half()
+    assert align_text_encoder_dtypes(model) == 1 and align_text_encoder_dtypes(model) == 0  # once
+    with torch.no_grad():
+        embeds, _, _ = encode_prompts(model, ["a red square"])
+    assert embeds.dtype == torch.float32  # handed to the fp32 UNet in its dtype
+

@@ -131,12 +131,16 @@ def align_text_encoder_dtypes(model: BaseModel) -> int:
 
     Forge turns its encoders' token and position embeddings into fp32 at every prompt it encodes while the
     rest stays fp16, and patches weights in and out for its own LoRAs; its layers cast on the fly,
-    transformers' do not. In an encoder with more than one weight dtype, every layer with a weight gets a
-    forward pre-hook that casts a floating-point input to that weight's dtype, and the embeddings' output is
-    cast to the dtype of the encoder's first linear layer. Returns how many encoders needed it."""
+    transformers' do not. In an encoder with more than one weight dtype (or another one than the UNet's),
+    every layer with a weight gets a forward pre-hook that casts a floating-point input to that weight's
+    dtype, and the embeddings' output is cast to the dtype of the encoder's first linear layer. Returns how
+    many encoders needed it."""
     fixed = 0
+    unet_dtype = next(model.unet.parameters()).dtype
     for te in model.text_encoders:
-        if len({p.dtype for p in te.parameters()}) < 2 or getattr(te, "_lt_dtype_hooks", None):
+        # Also when the encoder's one dtype is not the UNet's: in a real Forge (fp16 encoders, fp32 UNet on the
+        # CPU) an fp32 tensor still reached a fp16 layer norm inside the encoder.
+        if {p.dtype for p in te.parameters()} == {unet_dtype} or getattr(te, "_lt_dtype_hooks", None):
             continue
         hooks = []
         for module in te.modules():
