@@ -276,6 +276,7 @@ def test_checkpoint_info_families_and_refusals(webui, tmp_path):
     info = host.checkpoint_info()
     assert info.supported and info.family == "sdxl" and info.title.startswith("tiny-sdxl")
     assert info.hash.startswith("abcdef0123")
+    assert info.describe().count("abcdef0123") == 1  # the WebUI's title already carries the short hash
     sd_model.is_sd3 = True
     assert not host.checkpoint_info().supported and "SD3" in host.checkpoint_info().message
     sd_model.is_sd3 = False

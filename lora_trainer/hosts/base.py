@@ -67,7 +67,7 @@ class CheckpointInfo:
         if self.family is None:
             return self.message or "no base model"
         text = f"{self.family.upper()}: {self.title}"
-        if self.hash:
+        if self.hash and self.hash[:10] not in self.title:  # the WebUIs' titles already end in [shorthash]
             text += f" [{self.hash[:10]}]"
         if self.message:
             text += f"\n{self.message}"
