@@ -253,6 +253,7 @@ def test_clean_weights_refreshes_the_original_patchers_under_the_lock(forge, tmp
 def test_exclusive_gpu_loads_the_whole_model_under_the_lock(forge, tmp_path):
     model = fake_forge_model("sd1", tmp_path)[0]
     forge.set_model(model)
+    forge.shared.cmd_opts.lowvram = True  # Forge still accepts the flag but manages memory itself
     with ForgeHost(log=quiet).exclusive_gpu():
         assert forge.lock.held and forge.state.job == "lora_trainer"
     (patchers, held), = forge.gpu_loads

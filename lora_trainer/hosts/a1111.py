@@ -296,8 +296,9 @@ class A1111Host(Host):
     @contextmanager
     def exclusive_gpu(self, stop=None, events=None) -> Iterator[None]:
         shared = self._m("shared")
-        if getattr(getattr(shared, "cmd_opts", None), "lowvram", False):
-            raise HostError(self._memory_problem(None))
+        problem = self._memory_problem(self._sd_model())
+        if problem:
+            raise HostError(problem)
         with self._lock().hold(None, "", stop=stop):
             undo = self._model_to_training_device()
             tracker = _StateTracker(shared.state, stop)

@@ -99,7 +99,6 @@ def make_trainable(*modules) -> int:
                             fresh = torch.nn.Parameter(fresh, requires_grad=False)
                         store[name] = fresh
                         swapped[id(tensor)] = fresh
-                        del tensor
     return len(swapped)
 
 
@@ -211,7 +210,7 @@ class ForgeHost(A1111Host):
         return getattr(predictor, "prediction_type", "epsilon") == "v_prediction"
 
     def _memory_problem(self, sd_model) -> Optional[str]:
-        return None  # Forge decides offloading itself; exclusive_gpu() loads everything fully
+        return None  # Forge accepts --lowvram but manages memory itself; exclusive_gpu() loads everything fully
 
     def _parts(self, sd_model):
         objs = sd_model.forge_objects_original
