@@ -129,25 +129,32 @@ def encode_prompts(model: BaseModel, texts: list[str], clip_skip: int = 1, max_t
 def align_text_encoder_dtypes(model: BaseModel) -> int:
     """Lets text encoders that mix precisions run without copying their weights.
 
-    Forge keeps its encoders in fp16 beside an fp32 UNet on the CPU, turns their token and position
-    embeddings into fp32 at every prompt it encodes, and patches weights in and out for its own LoRAs; its
-    layers cast on the fly, transformers' do not. In an encoder with more than one weight dtype (or another
-    one than the UNet's), every layer with a weight (not the embeddings, whose input is token ids) gets a
-    forward pre-hook that casts a floating-point input to that weight's dtype. Returns how many encoders
-    needed it."""
+    Forge turns its encoders' token and position embeddings into fp32 at every prompt it encodes while the
+    rest stays fp16, and patches weights in and out for its own LoRAs; its layers cast on the fly,
+    transformers' do not. In an encoder with more than one weight dtype (or another one than the UNet's),
+    every layer with a weight gets a forward pre-hook that casts a floating-point input to that weight's
+    dtype, and the embeddings' output is cast to the dtype of the encoder's first linear layer. Returns how
+    many encoders needed it."""
     fixed = 0
     unet_dtype = next(model.unet.parameters()).dtype
     for te in model.text_encoders:
+        # Also when the encoder's one dtype is not the UNet's: in a real Forge (fp16 encoders, fp32 UNet on the
+        # CPU) an fp32 tensor still reached a fp16 layer norm inside the encoder.
         if {p.dtype for p in te.parameters()} == {unet_dtype} or getattr(te, "_lt_dtype_hooks", None):
             continue
         hooks = []
         for module in te.modules():
-            weight = module._parameters.get("weight")
+            weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
             if weight is None or isinstance(module, torch.nn.Embedding):
                 continue
             hooks.append(module.register_forward_pre_hook(
                 lambda _m, args, t=weight.dtype: tuple(a.to(t) if torch.is_tensor(a) and a.is_floating_point()
                                                       else a for a in args)))
+        embeddings = next((m for m in te.modules() if hasattr(m, "position_embedding") and hasattr(m, "token_embedding")),
+                          None)
+        layer = next((m for m in te.modules() if isinstance(m, torch.nn.Linear)), None)
+        if embeddings is not None and layer is not None:
+            hooks.append(embeddings.register_forward_hook(lambda _m, _i, out, t=layer.weight.dtype: out.to(t)))
         te._lt_dtype_hooks = hooks
         fixed += 1
     return fixed
