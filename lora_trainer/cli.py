@@ -166,9 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("ui", help="serve the Train LoRA tab outside a WebUI")
-    p.add_argument("--base_model", required=False)
-    p.add_argument("--port", type=int, default=7861)
-    p.add_argument("--lora_dir", default="models/Lora")
+    p.add_argument("--base_model", required=False, help="checkpoint file or diffusers folder to train on")
+    p.add_argument("--port", type=int, default=7861, help="port to serve on (default: %(default)s)")
+    p.add_argument("--lora_dir", default="models/Lora", help="where finished LoRAs go (default: %(default)s)")
+    p.add_argument("--work_dir", default=None, help="where runs (checkpoints, logs) go (default: beside lora_dir, "
+                                                    "lora-trainer-runs)")
+    p.add_argument("--models_dir", default=None, help="a folder of checkpoints that API requests may name as "
+                                                      "base_model (default: only --base_model)")
+    p.add_argument("--listen", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine "
+                                                         "only); any other address requires --api-auth")
+    p.add_argument("--api_auth", "--api-auth", default=None, metavar="USER:PASS",
+                   help="require these credentials for the page and the API (several: u1:p1,u2:p2)")
     p.set_defaults(func=cmd_ui)
     return parser
 
@@ -182,7 +190,53 @@ def cmd_ui(args) -> int:
     return serve(args)
 
 
+class _SafeStream:
+    """stdout/stderr that never raise: when the reader of a pipe is gone (`train ... | tee log` and Ctrl-C
+    ends tee first), output is dropped and training goes on to save its checkpoint and exit cleanly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text):
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._break()
+        return len(text)
+
+    def flush(self):
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        try:  # the interpreter flushes the real stream at exit: point it at devnull so that cannot fail either
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _guard_output() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _SafeStream):
+            setattr(sys, name, _SafeStream(stream))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _guard_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

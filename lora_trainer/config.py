@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -194,8 +193,8 @@ class TrainConfig:
                               f"({self.max_bucket_reso})")
         if self.bucket_reso_steps % 8:
             raise ConfigError(f"bucket_reso_steps: {self.bucket_reso_steps} must be a multiple of 8")
-        if self.output_name is not None and (os.sep in self.output_name or self.output_name.strip() == ""):
-            raise ConfigError(f"output_name: {self.output_name!r} must be a plain file name without folders")
+        if self.output_name is not None:
+            check_output_name(self.output_name)
         if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
             raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
 
@@ -217,6 +216,30 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return from_dict({**self.to_dict(), **changes})
+
+
+MAX_NAME_LENGTH = 120
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_FORBIDDEN_CHARS = set('/\\<>:"|?*')
+
+
+def check_output_name(name: str) -> None:
+    """output_name becomes a file name in the run folder and in the WebUI's LoRA folder, on any OS: one plain
+    path component, checked here so a run never trains for an hour and then fails at the final save."""
+    what = f"output_name: {name!r}"
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("output_name: empty; give the LoRA a name (it becomes its file name)")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"output_name: {len(name)} characters; use at most {MAX_NAME_LENGTH}")
+    bad = sorted({c for c in name if c in _FORBIDDEN_CHARS or not c.isprintable()})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ConfigError(f"{what[:80]} contains {shown}; use a plain file name (letters, digits, spaces, - _ . "
+                          f"and the like), no folders")
+    if name in (".", "..") or name != name.strip() or name.endswith("."):
+        raise ConfigError(f"{what} must not be '.' or '..', or start or end with a space or end with a dot")
+    if name.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
+        raise ConfigError(f"{what} is a reserved device name on Windows; choose another name")
 
 
 # Keys of other trainers' configs (kohya sd-scripts, lora-scripts) that mean the same as ours.

@@ -1,7 +1,8 @@
 """WebUI registration (AUTOMATIC1111): the "Train LoRA" tab and the training API. Everything else lives in
 the lora_trainer package; this file only hands the host adapter to it.
 
-API (JSON), served by the WebUI's FastAPI app (also with --nowebui):
+API (JSON), served by the WebUI's FastAPI app only when the WebUI serves its API (--api or --nowebui), behind
+its --api-auth:
   POST /lora-trainer/v1/train   {"config": {...TrainConfig keys...}, "resume": false, "preview": true}
   GET  /lora-trainer/v1/status
   GET  /lora-trainer/v1/events?since=N
@@ -36,7 +37,11 @@ def on_ui_tabs():
 
 def on_app_started(demo, app):
     try:
-        _api.register_api(app, _host)
+        host = _host()
+        dependencies = host.api_access(app)
+        if dependencies is None:
+            return  # the WebUI serves no API (no --api): neither do we
+        _api.register_api(app, _host, dependencies=dependencies)
     except Exception as e:
         print(f"[lora-trainer] the training API is not available: {type(e).__name__}: {e}")
 

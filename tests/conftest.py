@@ -75,3 +75,67 @@ def base_config(**overrides):
            "batch_size": 2, "lora_rank": 4, "learning_rate": 1e-3, "log_with": "none", "seed": 3}
     cfg.update(overrides)
     return from_dict(cfg)
+
+
+# ---- HTTP: a FastAPI app served for real on a loopback port (TestClient's httpx pin differs per environment)
+class Served:
+    def __init__(self, base: str):
+        self.base = base
+
+    def request(self, method: str, path: str, body=None, raw: bytes = None, auth=None, headers=None):
+        """(status, parsed JSON or text) of one request; body is sent as JSON, raw as given."""
+        import base64
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        if auth:
+            hdrs["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+
+@pytest.fixture
+def serve_app():
+    """serve_app(app) -> Served; the servers stop at the end of the test."""
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")  # comes with the WebUIs' gradio/fastapi environments
+    servers = []
+
+    def start(app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the test server did not start"
+            time.sleep(0.05)
+        servers.append((server, thread))
+        return Served(f"http://127.0.0.1:{port}")
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)

@@ -499,11 +499,14 @@ def test_scripts_file_registers_the_tab_and_the_api(webui, tmp_path, monkeypatch
     pytest.importorskip("fastapi")
     from fastapi import FastAPI
 
+    ours = {"/lora-trainer/v1/train", "/lora-trainer/v1/status", "/lora-trainer/v1/events", "/lora-trainer/v1/stop"}
+    app = FastAPI()
+    registered["on_app_started"](None, app)  # the WebUI runs without --api: no training API either
+    assert not ours & {getattr(r, "path", "") for r in app.routes}
+    webui.shared.cmd_opts.nowebui = True
     app = FastAPI()
     registered["on_app_started"](None, app)
-    paths = {getattr(r, "path", "") for r in app.routes}
-    assert {"/lora-trainer/v1/train", "/lora-trainer/v1/status", "/lora-trainer/v1/events",
-            "/lora-trainer/v1/stop"} <= paths
+    assert ours <= {getattr(r, "path", "") for r in app.routes}
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -533,3 +536,46 @@ def test_a_job_waits_for_the_webui_and_a_stop_while_waiting_ends_it_cleanly(webu
     assert st["state"] == "stopped" and st["error"] is None
     assert runner.events_since(0)[0][-1]["kind"] == "stopped"
     assert not (tmp_path / "runs" / "w").exists() or not list((tmp_path / "runs" / "w").glob("checkpoint-*"))
+
+
+def test_api_follows_the_webuis_api_flags_and_uses_its_own_auth(webui, tmp_path, serve_app):
+    """--api-auth: our routes carry the very dependency the WebUI's /sdapi/v1 routes carry (401 without it)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import runpy
+
+    from fastapi import Depends, FastAPI, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lora_trainer_tab.py"
+    runpy.run_path(str(script), run_name="lora_trainer_tab")
+    on_app_started = dict(c for c in webui.calls if isinstance(c, tuple) and len(c) == 2)["on_app_started"]
+    checked = []
+
+    def webui_auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic())):  # stands in for Api.auth
+        checked.append(credentials.username)
+        if (credentials.username, credentials.password) != ("alice", "s3cret"):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+
+    webui.shared.cmd_opts.api, webui.shared.cmd_opts.api_auth = True, "alice:s3cret"
+    app = FastAPI()
+    app.add_api_route("/sdapi/v1/progress", lambda: {"progress": 0}, dependencies=[Depends(webui_auth)])
+    on_app_started(None, app)
+    client = serve_app(app)
+    for method, path in (("GET", "/status"), ("GET", "/events"), ("POST", "/stop"), ("POST", "/train")):
+        code, _ = client.request(method, "/lora-trainer/v1" + path, body={} if method == "POST" else None)
+        assert code == 401, (path, code)
+        code, _ = client.request(method, "/lora-trainer/v1" + path, body={} if method == "POST" else None,
+                                 auth=("alice", "wrong"))
+        assert code == 401, (path, code)
+    assert client.get("/lora-trainer/v1/status", auth=("alice", "s3cret")) == (200, {"id": None, "state": "idle"})
+    assert "alice" in checked  # the WebUI's own check ran, not a copy of it
+
+    # no /sdapi route to borrow from (an unusual start-up order): the same check on the same flag
+    app = FastAPI()
+    on_app_started(None, app)
+    client = serve_app(app)
+    assert client.get("/lora-trainer/v1/status")[0] == 401
+    assert client.get("/lora-trainer/v1/status", auth=("alice", "s3cret"))[0] == 200

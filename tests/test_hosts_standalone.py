@@ -147,10 +147,13 @@ def test_set_base_model_switches_family(tiny_files, tmp_path):
     host = StandaloneHost(str(tiny_files["sd1"]), tmp_path / "loras", log=quiet)
     assert host.checkpoint_info().family == "sd1"
     assert host.set_base_model(str(tiny_files["sdxl"])).family == "sdxl"
+    # a config naming another model trains on it for that run only: the server's model does not change
     cfg, notes = host.prepare_config(base_config(base_model=str(tiny_files["sd2"])))
-    assert host.checkpoint_info().family == "sd2" and any("switched" in n for n in notes)
+    assert host.checkpoint_info().family == "sdxl" and any("for this run only" in n for n in notes)
+    assert host.model_for(cfg, log=quiet).family == "sd2"
+    assert host.checkpoint_info().family == "sdxl"
     cfg, notes = host.prepare_config(base_config())
-    assert cfg.base_model == str(tiny_files["sd2"]) and not notes
+    assert cfg.base_model == str(tiny_files["sdxl"]) and not notes
 
 
 def test_detect_host_kind(monkeypatch):

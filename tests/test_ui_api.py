@@ -14,6 +14,10 @@ from conftest import make_images
 
 def test_parse_request():
     assert parse_request({"config": {"lora_rank": 4}, "resume": True}) == ({"lora_rank": 4}, True, True)
+    with pytest.raises(ConfigError, match="JSON boolean"):
+        parse_request({"config": {}, "resume": "no"})  # a string is not read as true
+    with pytest.raises(ConfigError, match="JSON boolean"):
+        parse_request({"config": {}, "preview": 0})
     assert parse_request({"lora_rank": 4, "preview": False}) == ({"lora_rank": 4}, False, False)
     with pytest.raises(ConfigError, match="JSON object"):
         parse_request([1, 2])
@@ -23,12 +27,9 @@ def test_parse_request():
         parse_request({"config": "lora_rank: 4"})
 
 
-def _routes(app):
-    return {(sorted(r.methods)[0], r.path): r.endpoint for r in app.routes if hasattr(r, "endpoint")}
-
-
-def test_api_routes_start_poll_and_stop(tiny_files, tmp_path):
+def test_api_routes_start_poll_and_stop(tiny_files, tmp_path, serve_app):
     pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
     from fastapi import FastAPI
 
     from lora_trainer.ui.api import register_api
@@ -38,26 +39,28 @@ def test_api_routes_start_poll_and_stop(tiny_files, tmp_path):
     runner = JobRunner()
     app = FastAPI()
     register_api(app, lambda: host, runner)
-    r = _routes(app)
-    train, status, events, stop = (r[("POST", PREFIX + "/train")], r[("GET", PREFIX + "/status")],
-                                   r[("GET", PREFIX + "/events")], r[("POST", PREFIX + "/stop")])
-    assert status() == {"id": None, "state": "idle"} and stop() == {"stopping": False}
-    bad = train({"config": {"lora_rnk": 4}})
-    assert bad.status_code == 400 and "did you mean 'lora_rank'" in json.loads(bad.body)["error"]
-    config = {"train_data_dir": str(data), "output_name": "api_style", "output_dir": str(host.work_dir()),
+    client = serve_app(app)
+    status = lambda: client.get(PREFIX + "/status")[1]  # noqa: E731
+    assert status() == {"id": None, "state": "idle"}
+    assert client.post(PREFIX + "/stop") == (200, {"stopping": False})
+    code, bad = client.post(PREFIX + "/train", {"config": {"lora_rnk": 4}})
+    assert code == 400 and "did you mean 'lora_rank'" in bad["error"]
+    config = {"train_data_dir": str(data), "output_name": "api_style",
               "resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 32,
               "batch_size": 2, "lora_rank": 4, "max_train_steps": 3, "log_with": "none", "sample_steps": 2}
-    started = train({"config": config, "preview": False})
+    started = client.post(PREFIX + "/train", {"config": config, "preview": False})[1]
     assert started["name"] == "api_style" and started["state"] in ("waiting", "running")
-    busy = train({"config": config})
-    assert busy.status_code == 409 and "already running" in json.loads(busy.body)["error"]
+    # the API's runs go where the tab's go: the host's run folder
+    assert started["run_dir"] == str((tmp_path / "runs" / "api_style").resolve())
+    code, busy = client.post(PREFIX + "/train", {"config": config})
+    assert code == 409 and "already running" in busy["error"]
     index, seen, deadline = 0, [], time.time() + 300
     while status()["state"] not in TERMINAL and time.time() < deadline:
-        page = events(since=index)
+        page = client.get(PREFIX + f"/events?since={index}")[1]
         seen += page["events"]
         index = page["next"]
         time.sleep(0.1)
-    seen += events(since=index)["events"]
+    seen += client.get(PREFIX + f"/events?since={index}")[1]["events"]
     st = status()
     assert st["state"] == "finished" and st["step"] == 3 and st["lora_path"].endswith("api_style.safetensors")
     assert [e["step"] for e in seen if e["kind"] == "step"] == [1, 2, 3]

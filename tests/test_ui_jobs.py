@@ -113,7 +113,7 @@ def test_failures_reach_the_status_with_a_message(setup, tmp_path):
     host, data, runner = setup
     with pytest.raises(ConfigError, match="train_data_dir"):
         runner.start(_cfg(data, host, train_data_dir=None), host)
-    with pytest.raises(ConfigError, match="not a folder"):
+    with pytest.raises(ConfigError, match="does not exist"):
         runner.start(_cfg(tmp_path / "missing", host), host)
     with pytest.raises(ConfigError, match="text-generation"):
         runner.start(_cfg(data, host, task_type="text-generation"), host)

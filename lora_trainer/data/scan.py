@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 from .captions import normalize_caption
 from .errors import DatasetError, ImageLoadError
 from .images import IMAGE_EXTENSIONS, probe_image
-from .metadata_csv import MetadataRow, find_metadata_csv, path_key, read_metadata_csv
+from .metadata_csv import MetadataRow, find_metadata_csv, path_key, read_metadata_csv, shown_name
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 # LatentCache writes this file into its folders, so a cache kept inside the dataset is never scanned.
@@ -153,11 +153,11 @@ def scan_root(root: Path, cfg, *, is_reg: bool, result: ScanResult,
     for key, row in sorted(metadata.items(), key=lambda kv: kv[1].line):
         if key in seen:
             continue
-        if not row.exists:
-            result.problems.append(f"{row.path}: listed in {row.csv} line {row.line} but not found")
-        elif row.path.suffix.lower() not in IMAGE_EXTENSIONS:
-            result.problems.append(f"{row.path}: listed in {row.csv} line {row.line} but not a "
-                                   f"supported image type ({', '.join(IMAGE_EXTENSIONS)})")
+        if row.path.suffix.lower() not in IMAGE_EXTENSIONS:
+            result.problems.append(f"{row.csv} line {row.line}: {shown_name(row.path.name)}, not a supported "
+                                   f"image type ({', '.join(IMAGE_EXTENSIONS)})")
+        elif not row.exists:
+            result.problems.append(f"{row.csv} line {row.line}: {shown_name(row.path.name)} not found")
         else:
             paths.append(row.path)  # listed explicitly, e.g. by absolute path outside the folder
 

@@ -351,6 +351,36 @@ class A1111Host(Host):
         except (ImportError, AttributeError):
             return super().work_dir()
 
+    # -- the HTTP API -------------------------------------------------------------------------------
+    def api_access(self, app) -> Optional[list]:
+        """Served only when the WebUI serves its API (--api, --nowebui), behind its --api-auth: the very
+        dependency its own /sdapi/v1 routes carry when one is found, else the same check on the same flag."""
+        opts = getattr(self._m("shared"), "cmd_opts", None)
+        if not (getattr(opts, "api", False) or getattr(opts, "nowebui", False)):
+            return None
+        credentials = getattr(opts, "api_auth", None)
+        if not credentials:
+            return []
+        for route in getattr(app, "routes", []):
+            deps = getattr(route, "dependencies", None)
+            if str(getattr(route, "path", "")).startswith("/sdapi/v1/") and deps:
+                return list(deps)
+        from ..ui.api import basic_auth_dependency
+
+        return [basic_auth_dependency(credentials)]
+
+    def request_roots(self) -> dict:
+        roots = super().request_roots()
+        opts = getattr(self._m("shared"), "cmd_opts", None)
+        try:
+            models = Path(self._m("paths").models_path)
+        except (ImportError, AttributeError):
+            models = None
+        folders = [getattr(opts, "ckpt_dir", None) or (models / "Stable-diffusion" if models else None),
+                   getattr(opts, "vae_dir", None) or (models / "VAE" if models else None)]
+        roots["models"] = [Path(f) for f in folders if f]
+        return roots
+
     def refresh_loras(self) -> None:
         networks = self._networks()
         if networks is not None and hasattr(networks, "list_available_networks"):

@@ -128,6 +128,29 @@ class Host(ABC):
         """Default folder for training runs (checkpoints, logs, caches); one sub-folder per LoRA name."""
         return Path("output") / "lora-trainer"
 
+    def model_for(self, cfg: TrainConfig, log: Callable[[str], None] = print):
+        """The BaseModel a run trains on (the host's loaded one; the standalone host may load another for one run)."""
+        return self.base_model(cfg.model_family, log=log)
+
+    # -- what HTTP requests may do ------------------------------------------------------------------
+    def api_access(self, app) -> Optional[list]:
+        """None when the training API must not be served; else the FastAPI dependencies (authentication) to
+        put on its routes, the same the host puts on its own API."""
+        return []
+
+    def request_roots(self) -> dict:
+        """Folders an API request may touch: {"work": runs (read/write), "lora": installed LoRAs (read; the job
+        installs into it), "models": folders base models / VAEs may be read from}."""
+        return {"work": self.work_dir(), "lora": self.lora_dir(), "models": []}
+
+    def allows_base_model(self, value: str) -> bool:
+        """Whether an API request may name this base model."""
+        info = self.checkpoint_info()
+        return bool(info.path) and _same_path(value, info.path)
+
+    def base_model_rule(self) -> str:
+        return "A WebUI trains on the checkpoint it has loaded: leave base_model out, or load the checkpoint first."
+
     def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
         """Adjusts a config to this host before a run (device, precision of the host's weights...).
 
@@ -234,6 +257,13 @@ def _importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
+        return False
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, ValueError):
         return False
 
 

@@ -20,8 +20,13 @@ class StandaloneHost(Host):
 
     def __init__(self, base_model: Optional[str], lora_dir: Union[str, Path],
                  work_dir: Optional[Union[str, Path]] = None, device: str = "auto",
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, models_dir: Optional[Union[str, Path]] = None,
+                 api_auth: Optional[str] = None):
+        """models_dir: a folder of checkpoints API requests may name as base_model (besides the configured one);
+        api_auth: "user:pass" credentials the HTTP API requires."""
         self._base_path = str(base_model) if base_model else None
+        self._models_dir = Path(models_dir).expanduser().resolve() if models_dir else None
+        self._api_auth = api_auth
         self._lora_dir = Path(lora_dir).expanduser().resolve()
         self._work_dir = Path(work_dir).expanduser().resolve() if work_dir else \
             self._lora_dir.parent / "lora-trainer-runs"
@@ -89,12 +94,57 @@ class StandaloneHost(Host):
         cfg, notes = super().prepare_config(cfg)
         wanted = cfg.base_model
         if wanted and (not self._base_path or _norm(wanted) != _norm(self._base_path)):
-            # an API request (or a YAML) that names another checkpoint: train on that one
-            self.set_base_model(wanted)
-            notes.append(f"base model switched to {wanted}")
+            # a config that names another checkpoint trains on it for this run only; the server's model stays
+            notes.append(f"this run trains on {wanted} (loaded for this run only; the server's base model stays "
+                         f"{self._base_path or 'unset'})")
         elif not wanted and self._base_path:
             cfg = cfg.replace(base_model=self._base_path)
         return cfg, notes
+
+    def model_for(self, cfg, log: Callable[[str], None] = print):
+        wanted = cfg.base_model
+        if not wanted or (self._base_path and _norm(wanted) == _norm(self._base_path)):
+            return self.base_model(cfg.model_family, log=log)
+        from ..models.base import align_text_encoder_dtypes
+        from ..models.loader import ModelLoadError, load_base_model
+
+        try:
+            model = load_base_model(wanted, cfg.model_family, cfg.v_parameterization, cfg.vae, log_fn=log)
+        except ModelLoadError as e:
+            raise HostError(f"cannot load the base model {wanted}: {e}") from None
+        align_text_encoder_dtypes(model)
+        return model
+
+    # ---- HTTP API ----------------------------------------------------------------------------------
+    def api_access(self, app) -> Optional[list]:
+        if not self._api_auth:
+            return []
+        from ..ui.api import basic_auth_dependency
+
+        return [basic_auth_dependency(self._api_auth)]
+
+    def request_roots(self) -> dict:
+        roots = super().request_roots()
+        models = [Path(self._base_path).expanduser().resolve()] if self._base_path else []
+        if self._models_dir:
+            models.append(self._models_dir)
+        roots["models"] = models
+        return roots
+
+    def allows_base_model(self, value: str) -> bool:
+        try:
+            path = Path(value).expanduser().resolve()
+        except (OSError, ValueError):
+            return False
+        if self._base_path and path == Path(self._base_path).expanduser().resolve():
+            return True
+        return bool(self._models_dir) and self._models_dir in path.parents
+
+    def base_model_rule(self) -> str:
+        rule = f"This server trains on {self._base_path or 'its configured model'}"
+        if self._models_dir:
+            return rule + f" or a model in {self._models_dir}."
+        return rule + " (start it with --models_dir FOLDER to allow others)."
 
     # ---- contexts --------------------------------------------------------------------------------
     @contextmanager

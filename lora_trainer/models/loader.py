@@ -80,7 +80,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"{path.name} is not a complete .safetensors file ({type(e).__name__}: truncated or "
+                                 f"damaged); download or copy it again") from None
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)  # never a plain pickle load
@@ -99,7 +103,14 @@ def _read_yaml_beside(path: Path) -> Optional[dict]:
         return None
     import yaml
 
-    return yaml.safe_load(yaml_path.read_text())
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelLoadError(f"{yaml_path.name} beside the checkpoint is not a readable YAML config "
+                             f"({type(e).__name__}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{yaml_path.name} beside the checkpoint is not a model config (no mapping at the top)")
+    return data
 
 
 # --- building modules that share the state dict's tensors ---------------------------------------------
@@ -112,8 +123,23 @@ def _on_meta():
         yield
 
 
+class ArchitectureMismatch(ModelLoadError):
+    """The weights have other shapes than the architecture they were read as (a non-standard checkpoint)."""
+
+
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    try:
+        missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # torch lists every mismatched tensor: one line instead of a thousand
+        mismatches = str(e).count("size mismatch for")
+        if not mismatches:
+            raise
+        own = module.state_dict()
+        first = next((k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)), None)
+        example = (f" (e.g. {first}: {tuple(sd[first].shape)} in the file, {tuple(own[first].shape)} expected)"
+                   if first else "")
+        raise ArchitectureMismatch(f"{what}: {mismatches} weight(s) have other shapes than the standard "
+                                   f"architecture{example}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ModelLoadError(f"{what}: the weights do not fit the expected architecture "
@@ -311,9 +337,17 @@ def load_single_file(path: Path, family="auto", v_parameterization="auto", log_f
     original_config = _read_yaml_beside(path)
     if original_config is not None:
         log_fn(f"using {path.with_suffix('.yaml').name} beside the checkpoint for its architecture")
-    return build_from_ldm_state_dict(sd, family=family, v_parameterization=v_parameterization,
-                                     original_config=original_config, name=path.stem, path=str(path),
-                                     source="single-file", hash_fn=lambda: file_sha256(path), log_fn=log_fn)
+    try:
+        return build_from_ldm_state_dict(sd, family=family, v_parameterization=v_parameterization,
+                                         original_config=original_config, name=path.stem, path=str(path),
+                                         source="single-file", hash_fn=lambda: file_sha256(path), log_fn=log_fn)
+    except ArchitectureMismatch as e:
+        if original_config is not None:
+            raise ModelLoadError(f"{path.name}: {e}; {path.with_suffix('.yaml').name} beside it does not describe "
+                                 f"these weights") from None
+        raise ModelLoadError(f"{path.name}: {e}. A checkpoint with a non-standard architecture needs its config "
+                             f"beside it: put its .yaml next to it as {path.with_suffix('.yaml').name} (as in the "
+                             f"WebUIs)") from None
 
 
 def load_diffusers_folder(folder: Path, family="auto", v_parameterization="auto", log_fn=print,

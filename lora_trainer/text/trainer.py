@@ -224,8 +224,10 @@ class _TextRun:
         self.scheduler.load_state_dict(ck["optim"]["scheduler"])
         if self.scaler is not None and ck["optim"].get("scaler"):
             self.scaler.load_state_dict(ck["optim"]["scaler"])
-        set_rng_state(ck["rng"])
         self.p.update({k: v for k, v in ck["progress"].items() if k in self.p})
+        set_rng_state(ck["rng"], fallback_seed=self.cfg.seed + int(self.p.get("global_step", 0)))
+        for note in ck["notes"]:
+            self.msg(note)
         saved_units = ck["progress"].get("train_units")
         if saved_units is not None and saved_units != len(self.data.train) and "train_data_dir" not in changed:
             changed.append(f"training data ({saved_units} -> {len(self.data.train)} training units)")

@@ -6,6 +6,11 @@ import threading
 from contextlib import contextmanager
 
 
+class StopRequested(Exception):
+    """Raised inside a phase that cannot finish a step (model load, latent caching, a sample render) when a stop
+    was asked for; the trainer turns it into a clean `stopped` end, never a failure."""
+
+
 class StopFlag:
     def __init__(self):
         self._event = threading.Event()
@@ -21,6 +26,11 @@ class StopFlag:
 
     def __bool__(self) -> bool:  # `if stop:` reads naturally in the loop
         return self.is_set()
+
+    def check(self) -> None:
+        """Raises StopRequested when set (for phases between optimizer steps)."""
+        if self.is_set():
+            raise StopRequested(self.reason)
 
 
 @contextmanager

@@ -64,7 +64,10 @@ class EventBus:
             except Exception:  # a broken progress display must not kill a training run
                 if id(listener) not in self._failed_listeners:
                     self._failed_listeners.add(id(listener))
-                    traceback.print_exc()
+                    try:
+                        traceback.print_exc()
+                    except Exception:  # stderr itself is gone (a closed pipe): nothing left to tell
+                        pass
         return event
 
     def since(self, index: int) -> tuple[list[Event], int]:

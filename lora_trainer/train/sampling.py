@@ -5,6 +5,7 @@ are conditioned exactly as training was (clip skip, long prompts).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +41,9 @@ def _pipeline(model: BaseModel):
 
 @torch.no_grad()
 def render(model: BaseModel, prompt: str, *, seed: int, steps: int, cfg_scale: float, width: int, height: int,
-           clip_skip: int = 1, negative_prompt: str = "", output_type: str = "pil"):
-    """One image for `prompt`; deterministic for a seed."""
+           clip_skip: int = 1, negative_prompt: str = "", output_type: str = "pil", stop=None):
+    """One image for `prompt`; deterministic for a seed. stop: a StopFlag checked at every denoising step
+    (raises StopRequested), so a stop never waits for a long render."""
     device = next(model.unet.parameters()).device
     dtype = next(model.unet.parameters()).dtype
     pipe = _pipeline(model)
@@ -55,6 +57,12 @@ def render(model: BaseModel, prompt: str, *, seed: int, steps: int, cfg_scale: f
     kwargs = dict(prompt_embeds=embeds.to(dtype), negative_prompt_embeds=neg.to(dtype), num_inference_steps=steps,
                   guidance_scale=cfg_scale, width=width, height=height, generator=generator,
                   output_type=output_type)
+    if stop is not None:
+        def check_stop(_pipe, _i, _t, callback_kwargs):
+            stop.check()
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = check_stop
     if model.family == "sdxl":
         kwargs.update(pooled_prompt_embeds=pooled.to(dtype), negative_pooled_prompt_embeds=neg_pooled.to(dtype))
     was_training = model.unet.training
@@ -68,16 +76,20 @@ def render(model: BaseModel, prompt: str, *, seed: int, steps: int, cfg_scale: f
 
 
 def save_samples(model: BaseModel, prompts: list[str], folder: Path, tag: str, *, seed: int, steps: int,
-                 cfg_scale: float, width: int, height: int, clip_skip: int = 1) -> list[Path]:
+                 cfg_scale: float, width: int, height: int, clip_skip: int = 1, stop=None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, prompt in enumerate(prompts):
         image = render(model, prompt, seed=seed + i, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
-                       clip_skip=clip_skip)
+                       clip_skip=clip_skip, stop=stop)
         path = folder / f"{tag}_{i:02d}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        image.save(tmp)
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+        try:
+            image.save(tmp)
+            tmp.replace(path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         paths.append(path)
     return paths
 

@@ -3,6 +3,10 @@
 A checkpoint folder holds what is needed to continue bit-exactly: trainable weights in fp32,
 optimizer, scheduler, grad-scaler and RNG states, step/epoch/position in the data order, and the
 config. It is written into a temporary folder and renamed, so a crash never leaves half a checkpoint.
+
+Nothing in it is pickled (statefile.py): tensors are .safetensors, the rest JSON/YAML, so resuming from a
+folder someone else made cannot run code. Folders of the earlier format (optimizer.pt / rng.pt) are read
+with torch's weights-only loader, never with code execution.
 """
 from __future__ import annotations
 
@@ -14,15 +18,19 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..config import ConfigError, TrainConfig
 from ..fsutil import atomic_write_text, write_folder_atomically
+from .statefile import StateFormatError, load_state, save_state, write_safetensors
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
-OPTIM_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
+OPTIM_FILES = ("optimizer.json", "optimizer.safetensors")
+RNG_FILES = ("rng.json", "rng.safetensors")
+LEGACY_OPTIM_FILE = "optimizer.pt"   # written by lora-trainer before the pickle-free format
+LEGACY_RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.yaml"
 
 
@@ -39,7 +47,17 @@ def rng_state(generator: Optional[torch.Generator] = None) -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: Optional[torch.Generator] = None) -> None:
+def set_rng_state(state: Optional[dict[str, Any]], generator: Optional[torch.Generator] = None,
+                  fallback_seed: int = 0) -> None:
+    """Restores RNG states; None (an old checkpoint whose RNG state could not be read safely) reseeds
+    every generator from `fallback_seed` instead, so the continuation is deterministic though not exact."""
+    if state is None:
+        random.seed(fallback_seed)
+        np.random.seed(fallback_seed % 2**32)
+        torch.manual_seed(fallback_seed)
+        if generator is not None:
+            generator.manual_seed(fallback_seed)
+        return
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -54,11 +72,11 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
                     extra_files: Optional[dict[str, Any]] = None) -> Path:
     """extra_files: name -> callable(path) that writes an additional file (e.g. the kohya LoRA)."""
     def write(tmp: Path) -> None:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()},
-                  str(tmp / WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / OPTIM_FILE)
-        torch.save(rng_state(generator), tmp / RNG_FILE)
+        write_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()},
+                          tmp / WEIGHTS_FILE)
+        save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, *(tmp / f for f in OPTIM_FILES))
+        save_state(rng_state(generator), *(tmp / f for f in RNG_FILES))
         atomic_write_text(tmp / STATE_FILE, json.dumps(progress, indent=2))
         cfg.save_yaml(tmp / CONFIG_FILE)
         for name, writer in (extra_files or {}).items():
@@ -103,14 +121,96 @@ def resolve_resume(value: Optional[str], output_dir: Path) -> Optional[Path]:
     return path
 
 
+# Settings that decide the shape or set of the trained weights: a resume with any of them changed cannot load.
+SHAPE_KEYS = ("task_type", "lora_rank", "conv_lora", "conv_rank", "use_dora", "target_modules", "train_unet",
+              "train_text_encoder")
+
+
+def check_resume_compatible(folder: Path, cfg: TrainConfig) -> None:
+    """Compares the checkpoint's saved config with this run's before anything loads; names what changed."""
+    import yaml
+
+    path = Path(folder) / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # no readable config: the weights' names and shapes are checked when they load
+    if not isinstance(saved, dict):
+        return
+    changed = []
+    for key in SHAPE_KEYS:
+        if key not in saved:
+            continue
+        mine = getattr(cfg, key)
+        theirs = saved[key]
+        if key == "conv_rank" and not (cfg.conv_lora or saved.get("conv_lora")):
+            continue
+        if key == "conv_rank":
+            mine, theirs = cfg.effective_conv_rank, theirs or saved.get("lora_rank")
+        if mine != theirs:
+            changed.append(f"{key} {theirs!r} -> {mine!r}")
+    if changed:
+        raise ConfigError(f"resume_from_checkpoint: {folder} was trained with other settings: {'; '.join(changed)}. "
+                          f"Set them back to resume, or start a new run (another output_name)")
+
+
 def load_checkpoint(folder: Path) -> dict[str, Any]:
+    """weights, optim, rng (None when an old-format RNG state could not be read safely), progress, notes."""
     folder = Path(folder)
-    return {
-        "weights": load_file(str(folder / WEIGHTS_FILE)),
-        "optim": torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=False),
-        "rng": torch.load(folder / RNG_FILE, map_location="cpu", weights_only=False),
-        "progress": json.loads((folder / STATE_FILE).read_text()),
-    }
+    notes: list[str] = []
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"resume_from_checkpoint: {folder / WEIGHTS_FILE} is damaged ({type(e).__name__}); "
+                          f"resume from an earlier checkpoint-* folder") from None
+    try:
+        progress = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(progress, dict) or not isinstance(progress.get("global_step"), int):
+            raise ValueError("no global_step")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"resume_from_checkpoint: {folder / STATE_FILE} is damaged ({type(e).__name__}); resume "
+                          f"from an earlier checkpoint-* folder") from None
+    if all((folder / f).is_file() for f in OPTIM_FILES):
+        try:
+            optim = load_state(*(folder / f for f in OPTIM_FILES))
+            rng = load_state(*(folder / f for f in RNG_FILES))
+        except StateFormatError as e:
+            raise ConfigError(f"resume_from_checkpoint: {folder}: {e}; resume from an earlier checkpoint-* "
+                              f"folder") from None
+    elif (folder / LEGACY_OPTIM_FILE).is_file():
+        optim, rng = _load_legacy(folder, notes)
+    else:
+        raise ConfigError(f"resume_from_checkpoint: {folder} has no optimizer state ({OPTIM_FILES[0]}); it is "
+                          f"incomplete, resume from another checkpoint-* folder")
+    if not isinstance(optim, dict) or "optimizer" not in optim or "scheduler" not in optim:
+        raise ConfigError(f"resume_from_checkpoint: {folder}: the optimizer state is incomplete")
+    return {"weights": weights, "optim": optim, "rng": rng, "progress": progress, "notes": notes}
+
+
+def _weights_only_load(path: Path):
+    """torch's weights-only unpickler (no code runs). Called through torch.serialization because
+    AUTOMATIC1111 replaces torch.load with a wrapper that returns None for files current torch writes."""
+    return torch.serialization.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _load_legacy(folder: Path, notes: list[str]):
+    try:
+        optim = _weights_only_load(folder / LEGACY_OPTIM_FILE)
+    except Exception as e:  # any unpickling refusal: the file holds more than tensors and plain values
+        raise ConfigError(f"resume_from_checkpoint: {folder / LEGACY_OPTIM_FILE} is in the old pickle format and "
+                          f"holds something other than tensors ({type(e).__name__}), so it is not loaded. Start "
+                          f"the run again, or continue the LoRA with init_lora_weights: "
+                          f"{folder}/<name>-step*.safetensors") from None
+    rng = None
+    try:
+        rng = _weights_only_load(folder / LEGACY_RNG_FILE)
+    except Exception:
+        notes.append(f"{folder.name} was written by an earlier lora-trainer whose RNG state cannot be read without "
+                     f"unpickling code; the random generators are reseeded, so this continuation is not bit-exact")
+    if rng is not None and not (isinstance(rng, dict) and "torch" in rng and "python" in rng):
+        rng = None
+    notes.append(f"{folder.name} is in the old checkpoint format; new checkpoints are written without pickle")
+    return optim, rng
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:

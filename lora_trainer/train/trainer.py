@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..fsutil import WriteError, describe_write_error, remove_leftovers
 from ..models.base import BaseModel, encode_prompts, sdxl_time_ids
 from ..network.kohya_file import new_session_id, read_lora, save_lora, training_metadata, write_sidecar_json
 from ..network.lora import LoraNetwork, file_family
 from . import state as ckpt
-from .control import StopFlag
+from .control import StopFlag, StopRequested
 from .errors import TrainingFailed
 from .events import EventBus, StepTimer
 from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
@@ -156,8 +157,7 @@ class Trainer:
                     latents = self._encode_latents(torch.stack(pixels)).cpu()
                     for i, latent in zip(loaded, latents):
                         cache.put(self._latent_key(ds, i), latent.clone())
-                if self.stop:
-                    raise KeyboardInterrupt
+                self.stop.check()
         rate = len(todo) / max(time.perf_counter() - started, 1e-9)
         self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
 
@@ -168,6 +168,11 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except StopRequested:
+            # stopped before the first step could be saved (loading, caching): nothing to resume from
+            msg = f"stopped before training began ({self.stop.reason})"
+            self.events.emit("stopped", step=0, total_steps=0, message=msg)
+            return TrainResult("stopped", None, None, 0, 0, [])
         except TrainingFailed as e:
             self.events.emit("failed", message=str(e))
             raise
@@ -193,29 +198,28 @@ class Trainer:
     def _run(self) -> TrainResult:
         from ..data import build_dataset, LatentCache
 
+        from .preflight import check_config_paths
+
         cfg = self.cfg
-        cfg.require("train_data_dir")
+        # every path is checked before the model loads: a typo costs a second, not a model load and a cache
+        check_config_paths(cfg, base_model_given=self.model is not None)
         started_at = time.time()
         torch.manual_seed(cfg.seed)
         resume_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+        if resume_from:
+            ckpt.check_resume_compatible(resume_from, cfg)
+        for leftover in remove_leftovers(self.output_dir):
+            self.log(f"removed {leftover.name}, left by an interrupted save")
 
         owns_model = self.model is None
         model = self._load_model()
+        self.stop.check()
         model.freeze()
         autocast_dtype = self._place_model(model, owns_model)
         self._vae_fp = self._vae_fingerprint()
-
-        ds = build_dataset(cfg, log=self.log)
-        use_cache = cfg.cache_latents and ds.cacheable
-        cache = None
-        if use_cache:
-            folder = None
-            if cfg.cache_latents_to_disk:
-                folder = Path(cfg.cache_dir) if cfg.cache_dir else self.output_dir / "cache"
-            cache = LatentCache(folder)
-            self._cache_latents(ds, cache)
-        else:
-            ds.verify(self.log)
+        init_lora = None
+        if cfg.init_lora_weights and not resume_from:  # read before the dataset: a bad file fails in seconds
+            init_lora = self._read_init_lora(model)
 
         network = LoraNetwork(model, cfg)
         self.network = network
@@ -231,15 +235,22 @@ class Trainer:
                  + (f", LoCon rank {cfg.effective_conv_rank}" if cfg.conv_lora else "")
                  + (", DoRA" if cfg.use_dora else ""))
 
-        if cfg.init_lora_weights and not resume_from:
-            sd, meta = read_lora(Path(cfg.init_lora_weights))
-            fam = file_family(meta, {k.split(".")[0] for k in sd})
-            if fam and fam != model.family and not (fam in ("sd1", "sd2") and model.family in ("sd1", "sd2")
-                                                    and fam == model.family):
-                raise ConfigError(f"init_lora_weights: {cfg.init_lora_weights} was trained on {fam.upper()} but the "
-                                  f"base model is {model.family.upper()}")
-            network.load_state_dict(sd, source=f"init_lora_weights {Path(cfg.init_lora_weights).name}")
+        if init_lora is not None:
+            network.load_state_dict(init_lora, source=f"init_lora_weights {Path(cfg.init_lora_weights).name}")
             self.log(f"starting from {cfg.init_lora_weights} (incremental training)")
+        self.stop.check()
+
+        ds = build_dataset(cfg, log=self.log)
+        use_cache = cfg.cache_latents and ds.cacheable
+        cache = None
+        if use_cache:
+            folder = None
+            if cfg.cache_latents_to_disk:
+                folder = Path(cfg.cache_dir) if cfg.cache_dir else self.output_dir / "cache"
+            cache = LatentCache(folder)
+            self._cache_latents(ds, cache)
+        else:
+            ds.verify(self.log)
 
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -269,6 +280,10 @@ class Trainer:
             scaler = torch.amp.GradScaler("cuda")
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
 
+        space = self._disk_space_note(network, total_steps, epochs)
+        if space:
+            self.log("warning: " + space)
+
         global_step, start_epoch, start_micro = 0, 0, 0
         if resume_from:
             state = ckpt.load_checkpoint(resume_from)
@@ -277,9 +292,11 @@ class Trainer:
             scheduler.load_state_dict(state["optim"]["scheduler"])
             if scaler is not None and state["optim"].get("scaler"):
                 scaler.load_state_dict(state["optim"]["scaler"])
-            ckpt.set_rng_state(state["rng"], generator)
             progress = state["progress"]
             global_step, start_epoch, start_micro = progress["global_step"], progress["epoch"], progress["micro_step"]
+            ckpt.set_rng_state(state["rng"], generator, fallback_seed=cfg.seed + global_step)
+            for note in state["notes"]:
+                self.log(note)
             if progress.get("total_steps") not in (None, total_steps):
                 self.log(f"note: the checkpoint was made for {progress['total_steps']} steps; this run has "
                          f"{total_steps} (the schedule continues from step {global_step})")
@@ -309,18 +326,27 @@ class Trainer:
                                      bucket_info={"buckets": {f"{w}x{h}": n for (w, h), (n, _) in
                                                               ds.bucket_counts().items()}})
 
+        saved_at: dict[str, Optional[int]] = {"step": None}
+
         def save_checkpoint(epoch: int, micro: int) -> Path:
             folder = self.output_dir / f"checkpoint-{global_step}"
+            if saved_at["step"] == global_step:  # a stop right after a scheduled save: it is on disk already
+                return folder
             weights = network.state_dict(torch.float32)
             lora_name = f"{cfg.name}-step{global_step:08d}.safetensors"
 
             def write_lora(path: Path) -> None:
                 save_lora(path, weights, metadata(epoch, global_step), cfg.save_precision, overwrite=True)
 
-            ckpt.save_checkpoint(folder, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                 generator=generator, cfg=cfg, extra_files={lora_name: write_lora},
-                                 progress={"global_step": global_step, "epoch": epoch, "micro_step": micro,
-                                           "total_steps": total_steps, "session_id": session_id})
+            try:
+                ckpt.save_checkpoint(folder, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     generator=generator, cfg=cfg, extra_files={lora_name: write_lora},
+                                     progress={"global_step": global_step, "epoch": epoch, "micro_step": micro,
+                                               "total_steps": total_steps, "session_id": session_id})
+            except OSError as e:
+                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                raise TrainingFailed(f"{_write_message(folder, e)}{where}. Free some space and resume") from None
+            saved_at["step"] = global_step
             removed = ckpt.prune_checkpoints(self.output_dir, cfg.save_last_n_checkpoints)
             self.events.emit("checkpoint_saved", step=global_step, total_steps=total_steps, epoch=epoch,
                              path=str(folder), message=f"checkpoint saved: {folder}",
@@ -328,12 +354,19 @@ class Trainer:
             return folder
 
         def samples(tag: str) -> None:
-            if not prompts:
+            if not prompts or self.stop:
                 return
-            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                paths = save_samples(model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
-                                     steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
-                                     clip_skip=cfg.clip_skip)
+            try:
+                with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    paths = save_samples(model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
+                                         steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
+                                         clip_skip=cfg.clip_skip, stop=self.stop)
+            except StopRequested:
+                self.log("sample rendering skipped: stop requested")
+                return
+            except OSError as e:  # a sample is a nicety: a full disk here must not end the run
+                self.log(f"sample not saved: {_write_message(self.output_dir / 'samples', e)}")
+                return
             for p in paths:
                 self.events.emit("sample", step=global_step, total_steps=total_steps, path=str(p))
 
@@ -412,16 +445,70 @@ class Trainer:
                                      f"--resume_from_checkpoint {last_checkpoint}")
             return TrainResult("stopped", None, last_checkpoint, global_step, total_steps, losses)
 
-        final = save_lora(self.output_dir / f"{cfg.name}.safetensors", network.state_dict(torch.float32),
-                          metadata(epoch, global_step), cfg.save_precision, overwrite=cfg.overwrite)
+        try:
+            final = save_lora(self.output_dir / f"{cfg.name}.safetensors", network.state_dict(torch.float32),
+                              metadata(epoch, global_step), cfg.save_precision, overwrite=cfg.overwrite)
+        except OSError as e:
+            raise TrainingFailed(self._final_save_failed(e, save_checkpoint, epoch, last_checkpoint)) from None
         if final.stem != cfg.name:
             self.log(f"{cfg.name}.safetensors already exists; saved as {final.name} instead (overwrite: true replaces)")
         trigger = cfg.caption_prefix.strip().strip(",").strip()
-        write_sidecar_json(final, trigger, 1.0, {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[model.family])
+        try:
+            write_sidecar_json(final, trigger, 1.0, {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[model.family])
+        except OSError as e:  # the card's text only; the LoRA itself is saved
+            self.log(f"the LoRA card file was not written: {_write_message(final.with_suffix('.json'), e)}")
         samples(f"{final.stem}_final")
         self.events.emit("finished", step=global_step, total_steps=total_steps, path=str(final),
                          message=f"LoRA saved: {final}", data={"name": final.stem})
         return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
+
+    def _read_init_lora(self, model: BaseModel) -> dict:
+        cfg = self.cfg
+        path = Path(cfg.init_lora_weights).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"init_lora_weights: {path} is a folder; point it at a LoRA .safetensors file")
+        try:
+            sd, meta = read_lora(path)
+        except FileNotFoundError:
+            raise ConfigError(f"init_lora_weights: {path} does not exist") from None
+        except Exception as e:
+            raise ConfigError(f"init_lora_weights: {path} is not a readable LoRA .safetensors file "
+                              f"({type(e).__name__}); choose another file") from None
+        fam = file_family(meta, {k.split(".")[0] for k in sd})
+        if fam and fam != model.family:
+            raise ConfigError(f"init_lora_weights: {path} was trained on {fam.upper()} but the base model is "
+                              f"{model.family.upper()}")
+        return sd
+
+    def _disk_space_note(self, network, total_steps: int, epochs: int) -> Optional[str]:
+        from .preflight import disk_space_note
+
+        cfg = self.cfg
+        saves = 0
+        if cfg.save_steps:
+            saves += max(0, (total_steps - 1) // cfg.save_steps)
+        if cfg.save_every_n_epochs:
+            saves += max(0, (epochs - 1) // cfg.save_every_n_epochs)
+        if cfg.save_last_n_checkpoints:
+            saves = min(saves, cfg.save_last_n_checkpoints + 1)  # the newest is written before the oldest goes
+        saves = max(saves, 1)  # Stop always writes one
+        n = sum(p.numel() for p in network.parameters())
+        slots = {"adamw": 2, "adamw8bit": 1, "prodigy": 4, "lion": 1, "adafactor": 1}.get(cfg.optimizer, 2)
+        return disk_space_note(self.output_dir, n, saves, optimizer_slots=slots,
+                               save_bytes_per_param=4 if cfg.save_precision == "fp32" else 2)
+
+    def _final_save_failed(self, error: OSError, save_checkpoint, epoch: int, last_checkpoint) -> str:
+        """The final LoRA could not be written: keep the trained weights as a resumable checkpoint if the disk
+        allows it (resuming it only writes the LoRA), and say where things stand."""
+        msg = _write_message(self.output_dir / f"{self.cfg.name}.safetensors", error)
+        try:
+            folder = save_checkpoint(epoch, 0)
+        except TrainingFailed:
+            where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                     else "no checkpoint could be written either")
+            return f"{msg}; {where}. Free some space and resume"
+        return (f"{msg}. The trained weights are saved as {folder}: free some space and resume from it (only the "
+                f"LoRA file is written then)")
 
     # --- one micro-batch ----------------------------------------------------------------------------
     def _forward(self, ds, draws: list[tuple[int, int]], epoch: int, cache, generator, text_cache,
@@ -479,6 +566,10 @@ class Trainer:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
+
+
+def _write_message(path: Path, error: OSError) -> str:
+    return str(error) if isinstance(error, WriteError) else describe_write_error(path, error)
 
 
 def _center_crop_geometry(item) -> dict:

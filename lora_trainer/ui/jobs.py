@@ -123,6 +123,7 @@ class JobRunner:
         """Starts training in the background; returns at once. Problems that can be seen before the run
         (a job already running, a config that cannot work, nothing to resume) raise here."""
         from ..train import state as ckpt
+        from ..train.preflight import check_config_paths
 
         with self._lock:
             if self.running:
@@ -130,9 +131,7 @@ class JobRunner:
             cfg, notes = host.prepare_config(cfg)
             if not cfg.output_name:
                 raise ConfigError("output_name is required: the name of the LoRA (its file name)")
-            cfg.require("train_data_dir")
-            if not Path(cfg.train_data_dir).expanduser().is_dir():
-                raise ConfigError(f"train_data_dir: {cfg.train_data_dir} is not a folder")
+            check_config_paths(cfg, base_model_given=True)  # the host's model is used, not cfg.base_model
             run_dir = run_folder(cfg)
             if resume and not cfg.resume_from_checkpoint:
                 cfg = cfg.replace(resume_from_checkpoint="latest")
@@ -193,7 +192,7 @@ class JobRunner:
             with host.exclusive_gpu(stop=job.stop_flag, events=events):
                 job.state = "running"
                 with host.clean_weights():
-                    model = host.base_model(job.cfg.model_family, log=log)
+                    model = host.model_for(job.cfg, log=log)
                     trainer = Trainer(job.cfg, events, job.stop_flag, model=model)
                     try:
                         result = trainer.run()

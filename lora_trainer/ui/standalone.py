@@ -2,7 +2,9 @@
 
     python -m lora_trainer ui --base_model model.safetensors --lora_dir models/Lora --port 7861
 
-Serves the same tab as the WebUI extension (and the same HTTP API under /lora-trainer/v1/).
+Serves the same tab as the WebUI extension (and the same HTTP API under /lora-trainer/v1/). It listens on
+127.0.0.1 only; serving on another address (--listen) needs --api-auth user:pass, which then guards both the
+page and the API.
 """
 from __future__ import annotations
 
@@ -20,8 +22,27 @@ def _css() -> Optional[str]:
         return None
 
 
-def launch(host, port: int = 7861, listen: str = "127.0.0.1", runner=None, quiet: bool = False):
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_listen(listen: str, api_auth) -> None:
+    """Anything but loopback is reachable by others: refuse it without credentials."""
+    if listen not in LOOPBACK and not api_auth:
+        raise SystemExit(f"--listen {listen} makes the server reachable from other machines: add --api-auth "
+                         f"user:password (it then guards the page and the API), or keep the default 127.0.0.1")
+    if api_auth:
+        from .api import parse_credentials
+
+        try:
+            parse_credentials(api_auth)
+        except ValueError as e:
+            raise SystemExit(f"--api-auth: {e}") from None
+
+
+def launch(host, port: int = 7861, listen: str = "127.0.0.1", runner=None, quiet: bool = False,
+           api_auth=None):
     """Builds the tab on `host`, starts the server without blocking; returns (demo, app, url)."""
+    check_listen(listen, api_auth)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from .api import register_api
     from .jobs import default_runner
@@ -37,9 +58,14 @@ def launch(host, port: int = 7861, listen: str = "127.0.0.1", runner=None, quiet
         demo.queue(default_concurrency_limit=8)
     else:
         demo.queue(concurrency_count=8)
+    auth = None
+    if api_auth:
+        from .api import parse_credentials
+
+        auth = list(parse_credentials(api_auth).items())
     app, url, _share = demo.launch(server_name=listen, server_port=int(port), prevent_thread_lock=True,
-                                   inbrowser=False, show_error=True, quiet=quiet)
-    register_api(app, lambda: host, runner)
+                                   inbrowser=False, show_error=True, quiet=quiet, auth=auth)
+    register_api(app, lambda: host, runner, dependencies=host.api_access(app))
     return demo, app, url
 
 
@@ -51,12 +77,15 @@ def serve(args) -> int:
         return 2
     from ..hosts.standalone import StandaloneHost
 
+    listen, api_auth = getattr(args, "listen", "127.0.0.1"), getattr(args, "api_auth", None)
+    check_listen(listen, api_auth)
     host = StandaloneHost(getattr(args, "base_model", None), getattr(args, "lora_dir", "models/Lora"),
-                          work_dir=getattr(args, "work_dir", None))
+                          work_dir=getattr(args, "work_dir", None), models_dir=getattr(args, "models_dir", None),
+                          api_auth=api_auth)
     info = host.checkpoint_info()
     print(f"base model: {info.describe()}")
     print(f"LoRA folder: {host.lora_dir()}  runs: {host.work_dir()}")
-    demo, _app, url = launch(host, getattr(args, "port", 7861), getattr(args, "listen", "127.0.0.1"))
+    demo, _app, url = launch(host, getattr(args, "port", 7861), listen, api_auth=api_auth)
     print(f"Train LoRA: {url}  (API: {url.rstrip('/')}/lora-trainer/v1/status)  Ctrl-C stops the server")
     try:
         demo.block_thread()
