@@ -290,6 +290,23 @@ def test_host_captioner_and_deepbooru_adapters(folder):
     assert (folder / "red.txt").read_text() == "1girl, solo, (artist)\n"
 
 
+@pytest.mark.parametrize("behaviour", ["<error>", "raise"])
+def test_a_failing_host_tagger_writes_nothing_and_says_why(folder, behaviour):
+    """A1111's CLIP interrogator offline returns "<error>"; DeepBooru raises. Neither becomes a caption."""
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(image):
+        if behaviour == "raise":
+            raise IndexError("list index out of range")
+        return "<error>"
+
+    result = autotag_folder(folder, tagger=HostInterrogatorTagger("interrogator", broken, kind="tags"),
+                            policy="overwrite")
+    assert result.written == 0 and result.failed == len(result.files) > 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing written, nothing replaced
+    assert "failed (" in result.summary() and "WebUI console" in result.summary()
+
+
 def test_parse_tag_string():
     assert parse_tag_string(" a , (b:0.5),, (c d:1.25) ") == [("c d", 1.25), ("a", 1.0), ("b", 0.5)]
     assert parse_tag_string("") == []

@@ -42,6 +42,13 @@ def test_cli_trains_each_family(tiny_files, tiny_folders, tmp_path, family, sour
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4"
     assert json.loads(meta["ss_tag_frequency"])["data"]["simple background"] == 4
     assert meta["modelspec.prediction_type"] == ("v" if family == "sd2" else "epsilon")
+    # the shapes kohya writes, which the WebUIs' metadata dialogs parse
+    buckets = json.loads(meta["ss_bucket_info"])
+    assert sum(b["count"] for b in buckets["buckets"].values()) == 4 and buckets["mean_img_ar_error"] >= 0
+    assert all(len(b["resolution"]) == 2 and all(isinstance(x, int) for x in b["resolution"])
+               for b in buckets["buckets"].values())
+    assert all(int(d["img_count"]) >= 0 for d in json.loads(meta["ss_dataset_dirs"]).values())
+    assert meta["ss_sd_model_name"] == (base.name if source == "file" else base.name)
     te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
     assert any(k.startswith(te_prefix) for k in sd) and any(k.startswith("lora_unet_") for k in sd)
     # the LoRA learned something (B is no longer zero)

@@ -131,3 +131,21 @@ def test_failures_reach_the_status_with_a_message(setup, tmp_path):
     _poll_to_end(runner)
     st = runner.status()
     assert st["state"] == "failed" and "cannot load the base model" in st["error"]
+
+
+def test_training_a_name_again_after_deleting_its_lora_installs_the_plain_name(setup):
+    """An older run folder of the same name must not make the new LoRA `style_2` when models/Lora has no `style`."""
+    host, data, runner = setup
+    runner.start(_cfg(data, host, max_train_steps=1, log_with="none"), host, preview_after=False)
+    _poll_to_end(runner)
+    first = Path(runner.status()["lora_path"])
+    assert first.name == "style.safetensors"
+    first.unlink()  # the person deletes the LoRA from the WebUI's folder
+    runner.start(_cfg(data, host, max_train_steps=1, log_with="none"), host, preview_after=False)
+    _poll_to_end(runner)
+    assert Path(runner.status()["lora_path"]).name == "style.safetensors"
+    # and when the LoRA folder does hold the name, the new one is numbered and the person is told
+    runner.start(_cfg(data, host, max_train_steps=1, log_with="none"), host, preview_after=False)
+    events = _poll_to_end(runner)
+    assert Path(runner.status()["lora_path"]).name == "style_2.safetensors"
+    assert any("already exists" in e["message"] for e in events)

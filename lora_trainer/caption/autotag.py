@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 
 from .images import CaptionImageError, list_images, load_image
 from .scoring import select
-from .taggers import Tagger
+from .taggers import TagFailed, Tagger
 from .text import compose, sentence
 from .writers import CsvWriter, SidecarWriter, UnreadableCaption
 
@@ -72,9 +72,15 @@ class AutotagResult:
         return self.tagged / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"{self.written} written, {self.kept} kept, {self.skipped} skipped, {self.failed} failed "
+        text = (f"{self.written} written, {self.kept} kept, {self.skipped} skipped, {self.failed} failed "
                 f"({self.tagged} images tagged in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s) "
                 f"-> {self.destination}")
+        reasons: dict[str, int] = {}
+        for f in self.failures:
+            reasons[f.error] = reasons.get(f.error, 0) + 1
+        for reason, n in list(reasons.items())[:3]:  # what to do about it, once per distinct reason
+            text += f"\nfailed ({n}): {reason}"
+        return text
 
 
 def _check_choice(name: str, value: str, allowed) -> None:
@@ -161,6 +167,9 @@ def autotag_folder(folder: Union[str, Path], *, tagger: Tagger, threshold: float
             scored_batch = tagger.tag(images) if images else []
             result.tagged += len(images)
             for (path, existing), scored in zip(loaded, scored_batch):
+                if isinstance(scored, TagFailed):
+                    result.files.append(FileResult(path, "failed", existing or "", error=scored.reason))
+                    continue
                 new = format_caption(scored, tagger=tagger, mode=mode, threshold=threshold, top_k=top_k)
                 caption = compose(new, prefix, existing)
                 if not caption or caption == existing:

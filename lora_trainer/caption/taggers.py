@@ -98,6 +98,16 @@ def parse_tag_string(text: str) -> Scored:
     return sorted(out, key=lambda ts: -ts[1])
 
 
+class TagFailed:
+    """A tagger's per-image failure, in place of that image's tags."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 class HostInterrogatorTagger:
     """Adapter for a WebUI host's interrogator: `fn(PIL image) -> str`.
 
@@ -112,11 +122,23 @@ class HostInterrogatorTagger:
         self.kind = kind
         self._fn = interrogate
 
-    def tag(self, images: list) -> list[Scored]:
-        results = []
+    def tag(self, images: list) -> list:
+        """One entry per image: its scored tags, or a TagFailed saying why the host's captioner gave nothing
+        usable (a failure must never become a caption)."""
+        results: list = []
         for image in images:
-            text = self._fn(image)
+            try:
+                text = self._fn(image)
+            except Exception as e:  # the host's model failed (offline, missing weights ...)
+                results.append(TagFailed(f"the WebUI's {self.name} failed ({type(e).__name__}); it may need to "
+                                         f"download its model first: see the WebUI console, or use the built-in "
+                                         f"CLIP tagger"))
+                continue
             text = "" if text is None else str(text).strip()
+            if text.lower().startswith("<error"):  # A1111's interrogator returns this string instead of raising
+                results.append(TagFailed(f"the WebUI's {self.name} reported an error (offline, or its model is "
+                                         f"missing: see the WebUI console); no caption written"))
+                continue
             if self.kind == "tags":
                 results.append(parse_tag_string(text))
             else:

@@ -204,6 +204,17 @@ class Dataset:
             entry[1] += self.items[i].repeats
         return {b: (c[0], c[1]) for b, c in counts.items()}
 
+    def bucket_info(self) -> dict:
+        """Buckets as kohya's scripts write `ss_bucket_info` (the WebUIs' metadata dialogs read this shape):
+        {"buckets": {"0": {"resolution": [w, h], "count": samples}, ...}, "mean_img_ar_error": mean |bucket ar -
+        image ar|}."""
+        counts = self.bucket_counts()
+        buckets = {str(i): {"resolution": [int(w), int(h)], "count": int(samples)}
+                   for i, ((w, h), (_images, samples)) in enumerate(sorted(counts.items()))}
+        errors = [abs(self.items[i].bucket[0] / self.items[i].bucket[1] - self.items[i].width / self.items[i].height)
+                  for i in self.active_indices() if self.items[i].width and self.items[i].height]
+        return {"buckets": buckets, "mean_img_ar_error": float(sum(errors) / len(errors)) if errors else 0.0}
+
     def bucket_table(self) -> str:
         return format_bucket_table((b, n, s) for b, (n, s) in self.bucket_counts().items())
 

@@ -216,13 +216,16 @@ class Host(ABC):
                     found.append((PREVIEW_SUBDIR in p.relative_to(root).parts, p.stem.lower(), p.stem))
         return [stem for _, _, stem in sorted(found)]
 
-    def install_lora(self, src: Path, overwrite: bool = False, extras: tuple[str, ...] = (".json", ".png")) -> Path:
-        """Copies a finished LoRA (and its sidecar files) into lora_dir(); an existing file of the same name is
-        never replaced unless `overwrite`: the next free name (name_2, name_3, ...) is used instead."""
+    def install_lora(self, src: Path, overwrite: bool = False, extras: tuple[str, ...] = (".json", ".png"),
+                     name: Optional[str] = None) -> Path:
+        """Copies a finished LoRA (and its sidecar files) into lora_dir() as `name` (default: the file's stem).
+        An existing file of that name in lora_dir() is never replaced unless `overwrite`: the next free name
+        (name_2, name_3, ...) is used instead. Only lora_dir() decides: a numbered file in the run folder (an
+        older run's file kept there) is installed under the plain name when lora_dir() does not hold it."""
         from ..network.kohya_file import free_path
 
         src = Path(src)
-        target = free_path(self.lora_dir() / src.name, overwrite)
+        target = free_path(self.lora_dir() / f"{name or src.stem}{src.suffix}", overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_copy(src, target)
         for ext in extras:

@@ -87,7 +87,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                                  f"damaged); download or copy it again") from None
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)  # never a plain pickle load
+            from ..safeload import weights_only_load
+
+            data = weights_only_load(path)  # never a plain pickle load
         except Exception as e:
             raise ModelLoadError(f"{path.name} cannot be loaded safely (it contains pickled code, or is damaged): "
                                  f"{str(e).splitlines()[0]}. Convert it to .safetensors with a tool you trust.") from None

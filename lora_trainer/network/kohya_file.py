@@ -66,7 +66,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_output_name": cfg.name,
         "ss_base_model_version": model.base_model_version,
         "ss_v2": model.family == "sd2",
-        "ss_sd_model_name": model.name,
+        "ss_sd_model_name": Path(model.path).name if model.path else model.name,  # kohya: the file's name
         "ss_sd_model_hash": (model.model_hash or "")[:8] if model.model_hash else "",
         "ss_new_sd_model_hash": model.model_hash or "",
         "ss_network_module": "networks.lora",

@@ -153,7 +153,9 @@ def read_adapter_weights(folder: Path) -> dict:
 
         return load_file(str(folder / ADAPTER_WEIGHTS))
     if (folder / ADAPTER_WEIGHTS_BIN).is_file():
-        return torch.load(folder / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        from ..safeload import weights_only_load
+
+        return weights_only_load(folder / ADAPTER_WEIGHTS_BIN)
     raise ConfigError(f"init_lora_weights: {folder} has no {ADAPTER_WEIGHTS}")
 
 

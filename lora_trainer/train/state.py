@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from ..config import ConfigError, TrainConfig
 from ..fsutil import atomic_write_text, write_folder_atomically
+from ..safeload import weights_only_load
 from .statefile import StateFormatError, load_state, save_state, write_safetensors
 
 STATE_FILE = "trainer_state.json"
@@ -187,15 +188,9 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     return {"weights": weights, "optim": optim, "rng": rng, "progress": progress, "notes": notes}
 
 
-def _weights_only_load(path: Path):
-    """torch's weights-only unpickler (no code runs). Called through torch.serialization because
-    AUTOMATIC1111 replaces torch.load with a wrapper that returns None for files current torch writes."""
-    return torch.serialization.load(str(path), map_location="cpu", weights_only=True)
-
-
 def _load_legacy(folder: Path, notes: list[str]):
     try:
-        optim = _weights_only_load(folder / LEGACY_OPTIM_FILE)
+        optim = weights_only_load(folder / LEGACY_OPTIM_FILE)
     except Exception as e:  # any unpickling refusal: the file holds more than tensors and plain values
         raise ConfigError(f"resume_from_checkpoint: {folder / LEGACY_OPTIM_FILE} is in the old pickle format and "
                           f"holds something other than tensors ({type(e).__name__}), so it is not loaded. Start "
@@ -203,7 +198,7 @@ def _load_legacy(folder: Path, notes: list[str]):
                           f"{folder}/<name>-step*.safetensors") from None
     rng = None
     try:
-        rng = _weights_only_load(folder / LEGACY_RNG_FILE)
+        rng = weights_only_load(folder / LEGACY_RNG_FILE)
     except Exception:
         notes.append(f"{folder.name} was written by an earlier lora-trainer whose RNG state cannot be read without "
                      f"unpickling code; the random generators are reseeded, so this continuation is not bit-exact")

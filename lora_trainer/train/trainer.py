@@ -323,8 +323,7 @@ class Trainer:
                                      step=step, max_steps=total_steps, tag_frequency=ds.tag_frequency(),
                                      dataset_dirs=ds.dataset_dirs(), reg_dataset_dirs=ds.dataset_dirs(is_reg=True),
                                      num_epochs=epochs, batches_per_epoch=micro_per_epoch,
-                                     bucket_info={"buckets": {f"{w}x{h}": n for (w, h), (n, _) in
-                                                              ds.bucket_counts().items()}})
+                                     bucket_info=ds.bucket_info())
 
         saved_at: dict[str, Optional[int]] = {"step": None}
 

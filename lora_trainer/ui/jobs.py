@@ -211,7 +211,7 @@ class JobRunner:
                 return
             job.state = "finishing"
             job.trained_path = str(result.lora_path)
-            installed = host.install_lora(result.lora_path, overwrite=job.cfg.overwrite)
+            installed = host.install_lora(result.lora_path, overwrite=job.cfg.overwrite, name=job.name)
             job.lora_path = str(installed)
             host.refresh_loras()
             if installed.stem != job.name:
