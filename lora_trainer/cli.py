@@ -16,28 +16,64 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = meta["help"]
         if meta.get("choices"):
             help_text += f" [{', '.join(map(str, meta['choices']))}]"
-        help_text += f" (default: {meta['default']!r})"
+        if "default" not in help_text:  # some help texts say their default in words already
+            help_text += f" (default: {meta['default']!r})"
         group.add_argument(f"--{name}", dest=f"cfg_{name}", default=None, metavar="VALUE", nargs="?", const="true",
                            help=help_text.replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config from a YAML or TOML file (kohya / lora-scripts) plus flags; notes on foreign keys are printed."""
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
     path = getattr(args, "config", None) or getattr(args, "config_file", None)
-    if path:
-        return load_yaml(path, overrides)
-    return from_dict(overrides, source="command line")
+    if path and Path(path).suffix.lower() == ".toml":
+        from .config_import import load_toml_config
+
+        cfg, notes = load_toml_config(path, overrides)
+        for note in notes:
+            print(f"note: {note}")
+    elif path:
+        cfg = load_yaml(path, overrides)
+    else:
+        cfg = from_dict(overrides, source="command line")
+    dump = getattr(args, "dump_config", None)
+    if dump:
+        cfg.save_yaml(Path(dump))
+        print(f"effective config written to {dump}")
+    return cfg
 
 
 class ProgressPrinter:
     """Renders training events on a terminal: a tqdm bar with loss / lr / it/s, and messages."""
 
-    def __init__(self):
+    def __init__(self, interactive: Optional[bool] = None, every_s: float = 30.0):
         self.bar = None
+        # a pipe or a log file gets plain lines every few steps, not a bar redrawn with carriage returns
+        self.interactive = _is_terminal(sys.stderr) if interactive is None else interactive
+        self.every_s = every_s
+        self._last_line = 0.0
+
+    def _line(self, event) -> None:
+        import time
+
+        every = max(1, event.total_steps // 20)
+        now = time.monotonic()
+        if event.step % every and event.step != event.total_steps and now - self._last_line < self.every_s:
+            return
+        self._last_line = now
+        parts = [f"step {event.step}/{event.total_steps}", f"loss {event.loss:.4f}", f"lr {event.lr:.2e}"]
+        if event.it_per_s:
+            parts.append(f"{event.it_per_s:.2f} it/s")
+        if event.eta_s is not None:
+            parts.append(f"ETA {_clock(event.eta_s)}")
+        print("  ".join(parts), flush=True)
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
+        if event.kind == "step" and not self.interactive:
+            self._line(event)
+            return
         if event.kind == "step":
             if self.bar is None:
                 self.bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step", dynamic_ncols=True)
@@ -50,13 +86,26 @@ class ProgressPrinter:
         if not text:
             return
         prefix = {"failed": "error: ", "stopped": "stopped: "}.get(event.kind, "")
+        stream = sys.stderr if event.kind == "failed" else sys.stdout  # errors where scripts look for them
         if self.bar is not None:
-            self.bar.write(prefix + text)
+            self.bar.write(prefix + text, file=stream)
         else:
-            print(prefix + text, flush=True)
+            print(prefix + text, file=stream, flush=True)
         if event.kind in ("finished", "failed", "stopped") and self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def run_training(cfg: TrainConfig) -> int:
@@ -86,6 +135,11 @@ def run_training(cfg: TrainConfig) -> int:
             result = Trainer(cfg, events, stop).run()
         except TrainingFailed:
             return 1
+        except Exception as e:
+            last = events.last
+            if last is not None and last.kind == "failed":  # already printed once, as "error: ..."
+                return 2 if isinstance(e, ConfigError) or _is_known_error(e) else 1
+            raise
     if result.status == "finished":
         name = result.lora_path.stem
         print(f"\nDone: {result.lora_path}\nCopy it into your WebUI's models/Lora folder and prompt with "
@@ -131,15 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train LoRA adapters (SD1, SD2, SDXL, text-generation).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a LoRA from a YAML config (flags override its keys)")
-    p.add_argument("config_file", nargs="?", help="YAML config file (same as --config)")
-    p.add_argument("--config", "-c", help="YAML config file")
+    config_help = ("config file: our YAML, or a kohya sd-scripts / lora-scripts TOML (--config_file or "
+                   "config/*.toml, read as it is)")
+    p = sub.add_parser("train", help="train a LoRA from a config file (flags override its keys)")
+    p.add_argument("config_file", nargs="?", help="config file (same as --config)")
+    p.add_argument("--config", "-c", help=config_help)
+    p.add_argument("--dump_config", metavar="PATH", help="also write the effective config (file + flags) as our YAML")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems")
-    p.add_argument("config_file", nargs="?", help="YAML config file (same as --config)")
-    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("config_file", nargs="?", help="config file (same as --config)")
+    p.add_argument("--config", "-c", help=config_help)
+    p.add_argument("--dump_config", metavar="PATH", help="also write the effective config as our YAML")
     _add_config_flags(p)
     p.set_defaults(func=cmd_check)
 
@@ -248,19 +306,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except Exception as e:  # one line a person can act on, not a traceback, for the errors we anticipate
-        from .models.loader import ModelLoadError
-
-        known = [ModelLoadError]
-        try:
-            from .data import DatasetError
-
-            known.append(DatasetError)
-        except ImportError:
-            pass
-        if isinstance(e, tuple(known)):
+        if _is_known_error(e):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _is_known_error(e: BaseException) -> bool:
+    from .models.loader import ModelLoadError
+
+    known = [ModelLoadError]
+    try:
+        from .data import DatasetError
+
+        known.append(DatasetError)
+    except ImportError:
+        pass
+    return isinstance(e, tuple(known))
 
 
 if __name__ == "__main__":

@@ -173,6 +173,10 @@ class TrainConfig:
         hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if value is False and choices and hints[f.name] is str:
+                # YAML 1.1 reads `no` / `off` / `none`-like words as false: give the word back
+                value = next((w for w in ("no", "none", "off") if w in choices), value)
             value = _coerce(f.name, value, hints[f.name])
             meta = f.metadata
             if value is not None and meta.get("choices") is not None and value not in meta["choices"]:

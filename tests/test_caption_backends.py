@@ -128,7 +128,7 @@ def test_hub_download_failure_is_actionable(monkeypatch):
         load_backend("hf:someone/clip-model", device="cpu")
     message = str(err.value)
     assert "couldn't connect" in message and "HF_ENDPOINT" in message and "HF_HUB_OFFLINE=1" in message
-    assert "`huggingface-cli download someone/clip-model`" in message
+    assert "`hf download someone/clip-model`" in message
 
 
 def test_model_spec_parsing():

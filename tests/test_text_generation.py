@@ -540,3 +540,18 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, llama_dir, monkeypatch):
     assert final.keys() == best.keys()
     assert all(torch.equal(final[k], best[k]) for k in final)
     assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_adapter_path_messages_say_what_is_there(tmp_path):
+    from lora_trainer.text.model import read_adapter_config
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.safetensors").write_bytes(b"x")
+    cases = {tmp_path / "missing": "does not exist", tmp_path / "empty": "is a folder without adapter_config.json",
+             tmp_path / "x.safetensors": "is a file (.safetensors); kohya"}
+    for path, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            read_adapter_config(path, "init_lora_weights")
+        assert expected in str(info.value)
+        if path.suffix:  # a file is not described as lacking a config file it could never hold
+            assert "without" not in str(info.value)

@@ -55,7 +55,8 @@ def test_cli_trains_each_family(tiny_files, tiny_folders, tmp_path, family, sour
     assert any(torch.count_nonzero(v) for k, v in sd.items() if k.endswith("lora_up.weight"))
     assert (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").is_file()
     assert list((tmp_path / "out" / "checkpoint-2").glob("my_style-step00000002.safetensors"))
-    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
+    runs = [d for d in (tmp_path / "out" / "logs").iterdir() if d.is_dir()]  # one TensorBoard run per training run
+    assert len(runs) == 1 and runs[0].name.startswith("my_style-") and list(runs[0].glob("events.out.tfevents.*"))
     sidecar = json.loads((tmp_path / "out" / "my_style.json").read_text())
     assert sidecar["sd version"] == {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[family]
 
@@ -286,3 +287,16 @@ def test_bf16_mixed_precision_keeps_frozen_weights_in_bf16(tiny_files, tmp_path)
     assert next(trainer.model.unet.conv_in.parameters()).dtype == torch.bfloat16  # no fp32 copy of the UNet
     assert next(trainer.model.vae.parameters()).dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in trainer.network.parameters())
+
+
+def test_a_new_run_never_writes_into_an_earlier_runs_checkpoints(tiny_files, tmp_path):
+    cfg = _resume_config(tiny_files, tmp_path, tmp_path / "again", save_steps=2, max_train_steps=4,
+                         log_with="tensorboard")
+    Trainer(cfg).run()
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: latest.*overwrite: true"):
+        Trainer(cfg).run()
+    events = EventBus()
+    Trainer(cfg.replace(overwrite=True), events).run()  # start over: the old checkpoints are kept aside
+    previous = list((tmp_path / "again").glob("previous-*/checkpoint-*"))
+    assert previous and any("moved them to" in e.message for e in events.since(0)[0])
+    assert len([d for d in (tmp_path / "again" / "logs").iterdir() if d.is_dir()]) == 2

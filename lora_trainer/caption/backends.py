@@ -116,7 +116,7 @@ class TransformersClipBackend:
                      "vocab.json, merges.txt)") if local else (
                 f"'{repo_or_path}' is downloaded from the Hugging Face hub on first use and cached in "
                 "~/.cache/huggingface (HF_HOME); check the id and your network, set HF_ENDPOINT for a mirror, "
-                f"or download it once while online (`huggingface-cli download {repo_or_path}`) and run again; "
+                f"or download it once while online (`hf download {repo_or_path}`, from huggingface_hub) and run again; "
                 "HF_HUB_OFFLINE=1 then uses the cache")
             reason = " ".join(str(e).split()).rstrip(".")
             raise TaggerUnavailable(f"could not load CLIP model {repo_or_path!r} ({type(e).__name__}: {reason}). "

@@ -137,9 +137,15 @@ def read_adapter_config(folder: Path, key: str) -> dict:
     folder = Path(folder)
     cfg_file = folder / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        what = "a .safetensors file (kohya LoRAs are for text-to-image)" if folder.is_file() else "a folder without"
-        raise ConfigError(f"{key}: {folder} is {what} {ADAPTER_CONFIG}; expected a peft adapter folder "
-                          f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) as written by a text-generation run")
+        if not folder.exists():
+            what = "does not exist"
+        elif folder.is_file():
+            what = (f"is a file ({folder.suffix or 'no extension'}); kohya .safetensors LoRAs are for text-to-image"
+                    if folder.suffix.lower() == ".safetensors" else f"is a file ({folder.suffix or 'no extension'})")
+        else:
+            what = f"is a folder without {ADAPTER_CONFIG}"
+        raise ConfigError(f"{key}: {folder} {what}; expected a peft adapter folder ({ADAPTER_CONFIG} + "
+                          f"{ADAPTER_WEIGHTS}) as written by a text-generation run")
     try:
         return json.loads(cfg_file.read_text(encoding="utf-8"))
     except ValueError as e:

@@ -11,6 +11,7 @@ with torch's weights-only loader, never with code execution.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -206,6 +207,23 @@ def _load_legacy(folder: Path, notes: list[str]):
         rng = None
     notes.append(f"{folder.name} is in the old checkpoint format; new checkpoints are written without pickle")
     return optim, rng
+
+
+def archive_checkpoints(output_dir: Path) -> Path:
+    """Moves an earlier run's checkpoint-* folders into output_dir/previous-<time>/ (nothing is deleted)."""
+    import time
+
+    output_dir = Path(output_dir)
+    target = output_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    n = 2
+    while target.exists():
+        target = output_dir / f"{target.name.split('_')[0]}_{n}"
+        n += 1
+    target.mkdir(parents=True)
+    for p in output_dir.glob("checkpoint-*"):
+        if p.is_dir():
+            os.replace(p, target / p.name)
+    return target
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:

@@ -57,9 +57,14 @@ def pick_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, events: Optional[EventBus] = None, stop: Optional[StopFlag] = None,
-                 model: Optional[BaseModel] = None, log=None, keep_network: bool = False):
+                 model: Optional[BaseModel] = None, log=None, keep_network: bool = False,
+                 earlier_run: str = "refuse"):
         """model: a BaseModel to train on (a host's); its LoRA layers are taken out again when the run ends,
-        leaving the modules as they were, unless keep_network (tests that inspect the trained network)."""
+        leaving the modules as they were, unless keep_network (tests that inspect the trained network).
+        earlier_run: what a new (not resumed) run does with checkpoints of an earlier run in output_dir:
+        "refuse" (say how to resume or start over; overwrite: true moves them aside) or "archive" (move them
+        aside, the tab's Start)."""
+        self._earlier_run = earlier_run
         if cfg.task_type != "text-to-image":
             raise ConfigError(f"task_type {cfg.task_type!r} is trained by lora_trainer.text, not this trainer")
         self.cfg = cfg
@@ -186,10 +191,10 @@ class Trainer:
                 msg = f"{self.device}: {OOM_ADVICE}"
                 self.events.emit("failed", message=msg)
                 raise TrainingFailed(msg) from None
-            self.events.emit("failed", message=f"{type(e).__name__}: {e}")
+            self.events.emit("failed", message=_failure_message(e))
             raise
         except Exception as e:
-            self.events.emit("failed", message=f"{type(e).__name__}: {e}")
+            self.events.emit("failed", message=_failure_message(e))
             raise
         finally:
             if self.network is not None and getattr(self, "_remove_network", False):
@@ -208,6 +213,8 @@ class Trainer:
         resume_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
         if resume_from:
             ckpt.check_resume_compatible(resume_from, cfg)
+        else:
+            self._set_aside_earlier_run()
         for leftover in remove_leftovers(self.output_dir):
             self.log(f"removed {leftover.name}, left by an interrupted save")
 
@@ -285,6 +292,7 @@ class Trainer:
             self.log("warning: " + space)
 
         global_step, start_epoch, start_micro = 0, 0, 0
+        resumed_progress = None
         if resume_from:
             state = ckpt.load_checkpoint(resume_from)
             network.load_state_dict(state["weights"], source=f"checkpoint {resume_from}")
@@ -292,7 +300,7 @@ class Trainer:
             scheduler.load_state_dict(state["optim"]["scheduler"])
             if scaler is not None and state["optim"].get("scaler"):
                 scaler.load_state_dict(state["optim"]["scaler"])
-            progress = state["progress"]
+            progress = resumed_progress = state["progress"]
             global_step, start_epoch, start_micro = progress["global_step"], progress["epoch"], progress["micro_step"]
             ckpt.set_rng_state(state["rng"], generator, fallback_seed=cfg.seed + global_step)
             for note in state["notes"]:
@@ -303,8 +311,9 @@ class Trainer:
             self.log(f"resumed from {resume_from} at step {global_step} (epoch {start_epoch + 1}, "
                      f"batch {start_micro})")
 
-        tb = ScalarLog(Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs") \
-            if cfg.log_with == "tensorboard" else ScalarLog(None)
+        tb_run = (resumed_progress or {}).get("tb_run") or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tb_root = Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs"
+        tb = ScalarLog(tb_root / tb_run) if cfg.log_with == "tensorboard" else ScalarLog(None)
         if tb.unavailable:
             self.log(tb.unavailable)
         session_id = new_session_id()
@@ -341,7 +350,8 @@ class Trainer:
                 ckpt.save_checkpoint(folder, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                      generator=generator, cfg=cfg, extra_files={lora_name: write_lora},
                                      progress={"global_step": global_step, "epoch": epoch, "micro_step": micro,
-                                               "total_steps": total_steps, "session_id": session_id})
+                                               "total_steps": total_steps, "session_id": session_id,
+                                               "tb_run": tb_run})
             except OSError as e:
                 where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                 raise TrainingFailed(f"{_write_message(folder, e)}{where}. Free some space and resume") from None
@@ -461,6 +471,20 @@ class Trainer:
                          message=f"LoRA saved: {final}", data={"name": final.stem})
         return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
 
+    def _set_aside_earlier_run(self) -> None:
+        """A new run never writes into an earlier run's checkpoints (same numbers, mixed states)."""
+        earlier = ckpt.find_latest_checkpoint(self.output_dir)
+        if earlier is None:
+            return
+        if self.cfg.overwrite or self._earlier_run == "archive":
+            moved = ckpt.archive_checkpoints(self.output_dir)
+            self.log(f"{self.output_dir} held an earlier run's checkpoints; moved them to {moved}")
+            return
+        raise ConfigError(f"output_dir: {self.output_dir} holds checkpoints of an earlier run (the latest is "
+                          f"{earlier.name}). Continue it with resume_from_checkpoint: latest, start over with "
+                          f"overwrite: true (its checkpoints are moved to a previous-* folder, not deleted), or "
+                          f"choose another output_dir")
+
     def _read_init_lora(self, model: BaseModel) -> dict:
         cfg = self.cfg
         path = Path(cfg.init_lora_weights).expanduser()
@@ -565,6 +589,13 @@ class Trainer:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
+
+
+def _failure_message(e: BaseException) -> str:
+    """Our own errors already read as a sentence; a library's needs its type to make sense."""
+    if type(e).__name__ in ("ModelLoadError", "ArchitectureMismatch", "DatasetError", "ImageLoadError"):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
 
 
 def _write_message(path: Path, error: OSError) -> str:

@@ -193,7 +193,9 @@ class JobRunner:
                 job.state = "running"
                 with host.clean_weights():
                     model = host.model_for(job.cfg, log=log)
-                    trainer = Trainer(job.cfg, events, job.stop_flag, model=model)
+                    # Start in the tab means a new run: an earlier run's checkpoints under this name are moved
+                    # aside (kept), never overwritten step by step; Resume continues them instead.
+                    trainer = Trainer(job.cfg, events, job.stop_flag, model=model, earlier_run="archive")
                     try:
                         result = trainer.run()
                     finally:
