@@ -527,3 +527,53 @@ def test_standalone_server_binds_loopback_and_requires_credentials_elsewhere(tin
         check_listen("0.0.0.0", "no-colon")
     check_listen("127.0.0.1", None)
     check_listen("0.0.0.0", "u:p")
+
+
+def test_standalone_server_on_another_address_guards_page_and_api(tiny_files, tmp_path):
+    """`ui --listen ADDR --api-auth u:p` (ADDR outside 127.0.0.1): the API answers 401 without the credentials,
+    and the page does not hand the tab to an anonymous visitor; without --api-auth the server refuses to start."""
+    pytest.importorskip("gradio")
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from conftest import Served
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               GRADIO_ANALYTICS_ENABLED="False")
+    base_cmd = [sys.executable, "-m", "lora_trainer", "ui", "--base_model", str(tiny_files["sd1"]), "--lora_dir",
+                str(tmp_path / "Lora"), "--listen", "127.0.0.2"]
+    refused = subprocess.run(base_cmd + ["--port", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--api-auth" in refused.stdout + refused.stderr
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(base_cmd + ["--port", str(port), "--api-auth", "alice:s3cret"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = Served(f"http://127.0.0.2:{port}")
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                code, _ = client.get("/lora-trainer/v1/status")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert code == 401
+        assert client.get("/lora-trainer/v1/status", auth=("alice", "s3cret")) == (200, {"id": None, "state": "idle"})
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.2:{port}/config", timeout=30) as r:
+                anonymous = r.read().decode()
+        except urllib.error.HTTPError as e:  # Gradio 4 answers 401
+            anonymous = e.read().decode()
+        assert "lora_trainer_start" not in anonymous  # the tab's components are not served without logging in
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
