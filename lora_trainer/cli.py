@@ -211,15 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda a, e=e: (print(f"caption is unavailable: {e}"), 1)[1])
 
     p = sub.add_parser("demo", help="train on the bundled sample images with a built-in tiny model (offline)")
-    p.add_argument("--output_dir", default="output/demo")
-    p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--output_dir", default="output/demo",
+                   help="where the demo's base model, LoRA, checkpoint and sample go (default: %(default)s)")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"],
+                   help="which tiny model family to train on (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps to train (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="merge a text-generation LoRA adapter into its base model")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--base_model", "--base-model", default=None)
+    p.add_argument("--adapter", required=True, help="the peft adapter folder a text-generation run wrote")
+    p.add_argument("--output", required=True, help="folder for the merged transformers model")
+    p.add_argument("--base_model", "--base-model", default=None,
+                   help="base model (default: the one named in the adapter's adapter_config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
 
@@ -293,8 +296,25 @@ def _guard_output() -> None:
             setattr(sys, name, _SafeStream(stream))
 
 
+def _quiet_libraries() -> None:
+    """Library notices that tell a person nothing they can act on (e.g. "modules ... should be kept in float32:
+    []", "CLIPImageProcessor requires torchvision", a deprecation inside diffusers): errors still show."""
+    import logging
+    import os
+    import warnings
+
+    # read when the libraries set up their loggers (on first import, later than this): a user's setting wins
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers|peft|accelerate)\b")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     _guard_output()
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

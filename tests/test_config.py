@@ -68,3 +68,19 @@ def test_cli_flags_override_yaml(tmp_path):
 def test_shipped_example_configs_are_valid(name):
     cfg = load_yaml(ROOT / "configs" / name)
     assert cfg.base_model and cfg.train_data_dir and cfg.output_dir
+
+
+def test_every_option_of_every_subcommand_is_described_and_defaults_said_once():
+    import argparse
+
+    from lora_trainer.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help"
+            text = str(action.help).replace("%(default)s", str(action.default))
+            assert text.count("(default") <= 1, f"{name} {action.option_strings}: {text}"
