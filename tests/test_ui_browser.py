@@ -166,8 +166,9 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
 
     # -- train --
     page.click("#lora_trainer_start")
-    wait_for(page, "lora_trainer_run_msg", lambda v: v.startswith(("started", "not started")), "starting")
-    assert text_of(page, "lora_trainer_run_msg").startswith("started"), text_of(page, "lora_trainer_run_msg")
+    began = ("started", "not started", "waiting", "running", "finished")
+    wait_for(page, "lora_trainer_run_msg", lambda v: v.startswith(began), "starting")
+    assert not text_of(page, "lora_trainer_run_msg").startswith("not"), text_of(page, "lora_trainer_run_msg")
     status = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("finished", "failed", "stopped")),
                       "training to end")
     assert status.startswith("finished") and "step 4/4 (100%)" in status, status
@@ -206,6 +207,52 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
                    "the checkpoint preview")
     assert "<lora:browser_style-step000002-" in msg, msg
     assert list((host.lora_dir() / "lora-trainer-previews").glob("browser_style-step000002-*.safetensors"))
+
+
+def test_a_reloaded_page_shows_the_run_and_resume_is_one_click(server, page, tmp_path):
+    """Stop a run, reload the page: the run is there as it is (state, settings, loss curve); the form is changed
+    on purpose, and Resume still continues the run with its own saved settings."""
+    host, url, root = server
+    data = make_images(root / "reload_data", n=4)
+    set_text(page, "lora_trainer_dataset_dir", data)
+    set_text(page, "lora_trainer_cfg_output_name", "reload_me")
+    set_text(page, "lora_trainer_cfg_resolution", "64")
+    set_number(page, "lora_trainer_cfg_lora_rank", 4)
+    set_number(page, "lora_trainer_cfg_batch_size", 1)
+    set_text(page, "lora_trainer_cfg_max_train_steps", "40")
+    if not page.locator("#lora_trainer_cfg_save_steps input[type=number]").first.is_visible():
+        page.click("#lora_trainer_advanced .label-wrap")
+    set_number(page, "lora_trainer_cfg_min_bucket_reso", 64)
+    set_number(page, "lora_trainer_cfg_max_bucket_reso", 128)
+    set_number(page, "lora_trainer_cfg_bucket_reso_steps", 32)
+    set_number(page, "lora_trainer_cfg_save_steps", 2)
+    page.click("#lora_trainer_start")
+    wait_for(page, "lora_trainer_status", lambda v: v.startswith("running") and "step 2/" in v
+             or "step 3/" in v, "two steps")
+    page.click("#lora_trainer_stop")
+    stopped = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("stopped", "failed", "finished")),
+                       "the stop")
+    assert stopped.startswith("stopped"), stopped
+
+    page.reload()
+    page.wait_for_selector("#lora_trainer_dataset_dir textarea")
+    run = wait_for(page, "lora_trainer_run_msg", lambda v: "reload_me" in v, "the run to show after the reload",
+                   timeout=60)
+    assert run.startswith("stopped") and "Resume" in run, run
+    assert text_of(page, "lora_trainer_status").startswith("stopped: reload_me")
+    assert page.locator("#lora_trainer_cfg_output_name textarea").first.input_value() == "reload_me"
+    assert text_of(page, "lora_trainer_dataset_dir") == str(data)
+    assert page.locator("#lora_trainer_loss img").count() == 1
+    assert "reload_me" in page.locator("#lora_trainer_runs_pick input").first.input_value()
+
+    set_number(page, "lora_trainer_cfg_lora_rank", 8)  # a changed form does not break the resume
+    set_text(page, "lora_trainer_cfg_max_train_steps", "6")
+    page.click("#lora_trainer_resume")
+    done = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("finished", "failed")) and "reload_me" in v,
+                    "the resumed run to end")
+    assert done.startswith("finished") and "step 40/40" in done, done  # the run's own 40 steps, not the form's 6
+    assert "resumed from" in text_of(page, "lora_trainer_log")
+    assert page.locator("#lora_trainer_cfg_lora_rank input[type=number]").first.input_value() == "4"
 
 
 def test_upload_images_into_a_managed_dataset(server, page, tmp_path):

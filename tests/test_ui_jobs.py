@@ -101,12 +101,41 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(setup):
     assert Path(st["last_checkpoint"]).name == f"checkpoint-{st['step']}"
     assert not (host.lora_dir() / "resumable.safetensors").exists()
     assert not runner.stop()  # nothing running any more
+    stopped_at = st["step"]
+    with pytest.raises(ConfigError, match="lora_rank 4 -> 32"):  # named at Start, before anything loads
+        runner.start(cfg.replace(lora_rank=32), host, resume=True)
     runner.start(cfg, host, resume=True, preview_after=False)
     events = _poll_to_end(runner)
     st = runner.status()
     assert st["state"] == "finished" and st["step"] == 8
     assert any("resumed from" in e["message"] for e in events)
     assert (host.lora_dir() / "resumable.safetensors").is_file()
+    # the loss curve spans the whole run across the stop, not only the resumed part
+    assert [s for s, _ in runner.job.losses] == list(range(1, 9))
+    assert stopped_at < 8
+
+
+def test_one_click_resume_uses_the_runs_own_settings(setup):
+    from lora_trainer.ui.controller import TabController
+
+    host, data, runner = setup
+    ctl = TabController(host, runner)
+    assert ctl.resume_run("")[2].startswith("not resumed: no stopped run")
+    job = runner.start(_cfg(data, host, max_train_steps=6, output_name="oneclick"), host, preview_after=False)
+    deadline = time.time() + 300
+    while job.step < 1 and not job.done and time.time() < deadline:
+        time.sleep(0.02)
+    runner.stop()
+    _poll_to_end(runner)
+    labels = ctl.run_choices()
+    assert labels and labels[0].startswith("oneclick - step ")
+    restored = ctl.restore()  # what a reloaded page shows
+    assert restored["values"]["output_name"] == "oneclick" and restored["folder"] == str(data)
+    assert restored["view"]["run"].startswith("stopped: oneclick")
+    values, folder, msg = ctl.resume_run(labels[0])
+    assert msg.startswith("resuming oneclick") and values["max_train_steps"] == "6" and folder == str(data)
+    _poll_to_end(runner)
+    assert runner.status()["state"] == "finished" and runner.status()["step"] == 6
 
 
 def test_failures_reach_the_status_with_a_message(setup, tmp_path):

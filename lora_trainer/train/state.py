@@ -156,6 +156,30 @@ def check_resume_compatible(folder: Path, cfg: TrainConfig) -> None:
                           f"Set them back to resume, or start a new run (another output_name)")
 
 
+def checkpoint_step(folder: Path) -> int:
+    try:
+        return int(Path(folder).name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return int(read_progress(folder).get("global_step", 0))
+
+
+def read_progress(folder: Path) -> dict:
+    data = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a progress record")
+    return data
+
+
+def saved_config(folder: Path) -> TrainConfig:
+    """The config a checkpoint was trained with (its config.yaml), for a one-click resume."""
+    from ..config import load_yaml
+
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no {CONFIG_FILE}; resume it with its settings entered by hand")
+    return load_yaml(path)
+
+
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     """weights, optim, rng (None when an old-format RNG state could not be read safely), progress, notes."""
     folder = Path(folder)

@@ -15,7 +15,7 @@ from ..config import ConfigError, TrainConfig, atomic_write_text, from_dict, loa
 from ..hosts.base import HostError
 from . import dataset_tools as dt
 from .form import config_to_form, field_specs, form_to_config
-from .jobs import TERMINAL, JobError, JobRunner
+from .jobs import TERMINAL, JobError, JobRunner, list_runs
 from .plot import loss_curve
 from .presets import preset
 
@@ -223,6 +223,46 @@ class TabController:
         what = "resuming" if resume or job.cfg.resume_from_checkpoint else "started"
         return f"{what} {job.name} (run folder {job.run_dir})"
 
+    # ---- runs that can be resumed, and what a reloaded page shows ------------------------------------------
+    def runs(self) -> list[dict]:
+        try:
+            return list_runs(self.host.work_dir())
+        except OSError:
+            return []
+
+    def run_choices(self) -> list[str]:
+        return [_run_label(r) for r in self.runs()]
+
+    def resume_run(self, label: str) -> tuple[Optional[dict], Optional[str], str]:
+        """Resumes the chosen run with its own saved config: (form values, dataset folder, message)."""
+        from ..train.state import saved_config
+
+        run = next((r for r in self.runs() if _run_label(r) == label), None)
+        if run is None:
+            runs = self.runs()
+            if label or not runs:
+                return None, None, ("not resumed: choose a run to resume (press Refresh runs)" if runs else
+                                    "not resumed: no stopped run with a checkpoint in " + str(self.host.work_dir()))
+            run = runs[0]  # none chosen: the newest
+        try:
+            cfg = saved_config(run["checkpoint"]).replace(output_dir=str(Path(run["run_dir"]).parent),
+                                                           resume_from_checkpoint=None)
+            job = self.runner.start(cfg, self.host, resume=True)
+        except (ConfigError, JobError, HostError) as e:
+            return None, None, f"not resumed: {e}"
+        return config_to_form(cfg), cfg.train_data_dir, (f"resuming {job.name} from {Path(run['checkpoint']).name} "
+                                                         f"with its saved settings")
+
+    def restore(self) -> dict[str, Any]:
+        """What a freshly loaded page shows: the current or last run as it is, and that run's settings."""
+        view = self.run_view()
+        job = self.runner.job
+        values, folder = None, None
+        if job is not None:
+            values = config_to_form(job.cfg.replace(output_dir=str(Path(job.run_dir).parent)))
+            folder = job.cfg.train_data_dir
+        return {"values": values, "folder": folder, "view": view}
+
     def stop(self) -> str:
         if self.runner.stop():
             return "stopping: a resumable checkpoint is saved at the next step (Resume continues from it)"
@@ -245,7 +285,8 @@ class TabController:
                 lines.append(f"{stamp} {label}{text}")
         job = self.runner.job
         image = loss_curve(job.losses, job.total_steps) if job is not None else None
-        return {"status": format_status(st), "state": st["state"], "log": "\n".join(lines[-300:]), "loss": image,
+        return {"status": format_status(st), "state": st["state"], "run": run_line(st),
+                "log": "\n".join(lines[-300:]), "loss": image,
                 "checkpoints": self.checkpoint_choices(st), "lora": Path(st["lora_path"]).stem
                 if st.get("lora_path") else None, "done": st["state"] in TERMINAL or st["state"] == "idle"}
 
@@ -302,6 +343,26 @@ class TabController:
         except (UIError, HostError) as e:
             return [], str(e)
         return images, f"{name}: weights {', '.join(f'{w:g}' for w in SWEEP_WEIGHTS)}, seed {int(seed)}"
+
+
+def run_line(st: dict) -> str:
+    """The Run box's one line, always about the run as it is now (never a stale "stopping ...")."""
+    state, name = st.get("state", "idle"), st.get("name")
+    if state == "idle":
+        return "no run in this session yet: Start trains, Resume continues a stopped run"
+    if state in ("waiting", "running", "finishing"):
+        return f"{state}: {name} (Stop saves a checkpoint)"
+    if state == "stopped":
+        return f"stopped: {name}" + (" - Resume continues it" if st.get("last_checkpoint") else "")
+    if state == "finished":
+        return f"finished: {name}" + (f" - <lora:{Path(st['lora_path']).stem}:1>" if st.get("lora_path") else "")
+    return f"failed: {name} - see Progress"
+
+
+def _run_label(run: dict) -> str:
+    when = datetime.datetime.fromtimestamp(run["time"]).strftime("%Y-%m-%d %H:%M")
+    total = f"/{run['total_steps']}" if run.get("total_steps") else ""
+    return f"{run['name']} - step {run['step']}{total} ({when})"
 
 
 def format_status(st: dict) -> str:

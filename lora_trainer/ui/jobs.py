@@ -72,6 +72,7 @@ class Job:
             self.step = e.step
         elif e.kind == "checkpoint_saved":
             self.last_checkpoint = e.path
+            write_loss_history(self.run_dir, self.losses)
             self.checkpoints.append({"step": e.step, "folder": e.path, "lora": (e.data or {}).get("lora")})
             removed = set((e.data or {}).get("removed") or [])
             if removed:
@@ -95,6 +96,54 @@ class Job:
             "samples": list(self.samples), "started_at": self.started_at, "finished_at": self.finished_at,
             "events": self.events.since(0)[1],
         }
+
+
+LOSS_FILE = "loss_history.json"
+
+
+def write_loss_history(run_dir: Path, losses: list) -> None:
+    """The run's whole loss curve (across stops and resumes), so a reloaded page or a resumed run shows it all."""
+    import json
+
+    if not losses or not Path(run_dir).is_dir():
+        return
+    try:
+        atomic_write_bytes(Path(run_dir) / LOSS_FILE, json.dumps([[int(s), float(v)] for s, v in losses]).encode())
+    except OSError:
+        pass  # the curve is a nicety; a full disk is reported by the checkpoint writer
+
+
+def read_loss_history(run_dir: Path) -> list[tuple[int, float]]:
+    import json
+
+    try:
+        data = json.loads((Path(run_dir) / LOSS_FILE).read_text(encoding="utf-8"))
+        return [(int(s), float(v)) for s, v in data]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def list_runs(work_dir: Path) -> list[dict]:
+    """Run folders under work_dir that can be resumed, newest checkpoint first:
+    {"name", "run_dir", "checkpoint", "step", "total_steps", "time"}."""
+    from ..train import state as ckpt
+
+    runs = []
+    root = Path(work_dir)
+    if not root.is_dir():
+        return runs
+    for run_dir in root.iterdir():
+        latest = ckpt.find_latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if latest is None:
+            continue
+        try:
+            progress = ckpt.read_progress(latest)
+        except Exception:
+            continue
+        runs.append({"name": run_dir.name, "run_dir": run_dir, "checkpoint": latest,
+                     "step": progress.get("global_step", 0), "total_steps": progress.get("total_steps"),
+                     "time": latest.stat().st_mtime})
+    return sorted(runs, key=lambda r: -r["time"])
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -135,12 +184,16 @@ class JobRunner:
             run_dir = run_folder(cfg)
             if resume and not cfg.resume_from_checkpoint:
                 cfg = cfg.replace(resume_from_checkpoint="latest")
+            earlier_losses: list = []
             if cfg.resume_from_checkpoint:
-                ckpt.resolve_resume(cfg.resume_from_checkpoint, run_dir)  # ConfigError when there is none
+                folder = ckpt.resolve_resume(cfg.resume_from_checkpoint, run_dir)  # ConfigError when there is none
+                ckpt.check_resume_compatible(folder, cfg)  # a changed rank is named now, not after loading
+                step = ckpt.checkpoint_step(folder)
+                earlier_losses = [(s_, l_) for s_, l_ in read_loss_history(run_dir) if s_ <= step]
             cfg = cfg.replace(output_dir=str(run_dir))
             events = EventBus()
             job = Job(id=next(_ids), cfg=cfg, host=host, events=events, stop_flag=StopFlag(), name=cfg.name,
-                      run_dir=run_dir, preview_after=preview_after, notes=notes)
+                      run_dir=run_dir, preview_after=preview_after, notes=notes, losses=earlier_losses)
             events.subscribe(job.on_event)
             for note in notes:
                 events.emit("message", message=note)
@@ -238,6 +291,7 @@ class JobRunner:
             job.finished_at = time.time()
             if job.state not in TERMINAL:
                 job.state = "failed"
+            write_loss_history(job.run_dir, job.losses)
 
     @staticmethod
     def _fail(job: Job, message: str) -> None:

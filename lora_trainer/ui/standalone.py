@@ -49,7 +49,7 @@ def launch(host, port: int = 7861, listen: str = "127.0.0.1", runner=None, quiet
     from .tab import build_tab, gradio_major
 
     runner = runner or default_runner()
-    demo = build_tab(host, runner)
+    demo = build_tab(host, runner, restore_on_load=True)
     css = _css()
     if css:
         demo.css = (demo.css or "") + css

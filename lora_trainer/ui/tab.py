@@ -38,8 +38,12 @@ def _widget(gr, spec, value):
     return gr.Textbox(value=value, lines=lines, **common)
 
 
-def build_tab(host, runner: Optional[JobRunner] = None):
-    """The tab as a gr.Blocks, for `on_ui_tabs` or the standalone server."""
+def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = False):
+    """The tab as a gr.Blocks, for `on_ui_tabs` or the standalone server.
+
+    Every page load shows the current or last run and its settings: the standalone server (whose root Blocks
+    this is) binds that to the page's load event (restore_on_load); inside a WebUI javascript/lora_trainer.js
+    presses the hidden restore button once the UI is loaded."""
     import gradio as gr
 
     from .form import to_widget
@@ -163,9 +167,17 @@ def build_tab(host, runner: Optional[JobRunner] = None):
         with gr.Row():
             start_btn = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
             stop_btn = gr.Button("Stop (save a checkpoint)", elem_id="lora_trainer_stop")
-            resume_btn = gr.Button("Resume", elem_id="lora_trainer_resume")
             watch_btn = gr.Button("Refresh progress", elem_id="lora_trainer_watch")
-        run_msg = gr.Textbox(label="Run", interactive=False, elem_id="lora_trainer_run_msg")
+            restore_btn = gr.Button("restore", elem_id="lora_trainer_restore", elem_classes=["lora-trainer-hidden"])
+        with gr.Row():
+            run_choices = ctl.run_choices()
+            runs_pick = gr.Dropdown(label="Stopped run to resume (newest first; it continues with its own settings)",
+                                    choices=run_choices, value=run_choices[0] if run_choices else None,
+                                    allow_custom_value=True, elem_id="lora_trainer_runs_pick", scale=4)
+            resume_btn = gr.Button("Resume", elem_id="lora_trainer_resume", scale=1)
+            runs_refresh = gr.Button("Refresh runs", elem_id="lora_trainer_runs_refresh", scale=1)
+        run_msg = gr.Textbox(label="Run", value=ctl.run_view()["run"], interactive=False,
+                             elem_id="lora_trainer_run_msg")
         with gr.Row():
             with gr.Column(scale=3):
                 status_box = gr.Textbox(label="Progress", value=ctl.run_view()["status"], lines=3,
@@ -299,11 +311,12 @@ def build_tab(host, runner: Optional[JobRunner] = None):
                            [gr.update() for _ in keys] + [gr.update(), gr.update()], [yaml_upload],
                            form_inputs + [dataset_dir, param_msg])
 
-        run_outputs = [status_box, log_box, loss_img, ckpt_pick, lora_pick]
+        run_outputs = [status_box, log_box, loss_img, ckpt_pick, lora_pick, run_msg]
 
         def view_updates(view):
             return [view["status"], view["log"], view["loss"], gr.update(choices=view["checkpoints"]),
-                    gr.update(choices=ctl.lora_choices(), value=view["lora"]) if view["lora"] else gr.update()]
+                    gr.update(choices=ctl.lora_choices(), value=view["lora"]) if view["lora"] else gr.update(),
+                    view["run"]]
 
         def watch():
             while True:
@@ -315,10 +328,31 @@ def build_tab(host, runner: Optional[JobRunner] = None):
 
         start_btn.click(lambda folder, *args: ctl.start(values_of(args), folder), [dataset_dir] + form_inputs,
                         [run_msg]).then(watch, None, run_outputs)
-        resume_btn.click(lambda folder, *args: ctl.start(values_of(args), folder, resume=True),
-                         [dataset_dir] + form_inputs, [run_msg]).then(watch, None, run_outputs)
+
+        def runs_update():
+            choices = ctl.run_choices()
+            return gr.update(choices=choices, value=choices[0] if choices else None)
+
+        def do_resume(label):
+            values, folder, msg = ctl.resume_run(label)
+            return apply_loaded(values, folder, msg)
+
+        resume_btn.click(do_resume, [runs_pick], form_inputs + [dataset_dir, run_msg]).then(watch, None, run_outputs)
+        runs_refresh.click(runs_update, None, [runs_pick])
         stop_btn.click(ctl.stop, None, [run_msg])
         watch_btn.click(watch, None, run_outputs)
+
+        def restore():
+            state = ctl.restore()
+            values = state["values"]
+            form = [gr.update(value=values[k]) if values and k in values else gr.update() for k in keys]
+            return form + [gr.update(value=state["folder"]) if state["folder"] else gr.update(), runs_update()] + \
+                view_updates(state["view"])
+
+        restore_outputs = form_inputs + [dataset_dir, runs_pick] + run_outputs
+        restore_btn.click(restore, None, restore_outputs).then(watch, None, run_outputs)
+        if restore_on_load:
+            tab.load(restore, None, restore_outputs).then(watch, None, run_outputs)
 
         prompt_fill.click(lambda folder, trig: ctl.default_prompt(folder, trig),
                           [dataset_dir, widgets["caption_prefix"]], [prompt])
