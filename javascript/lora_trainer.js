@@ -1,9 +1,89 @@
-// lora-trainer: on every page load, show the current or last training run and its settings in the Train LoRA
-// tab (a reload must never look like "no run"). The WebUI injects every javascript/*.js; onUiLoaded and
-// gradioApp come from its script.js. The tab's restore handler then keeps polling while the run goes.
-onUiLoaded(function () {
-    var button = gradioApp().getElementById("lora_trainer_restore");
-    if (button) {
-        button.click();
+// lora-trainer: front-end glue the WebUI injects (every javascript/*.js; onUiLoaded and gradioApp come from
+// its script.js).
+// - On every page load, show the current or last training run and its settings in the Train LoRA tab.
+// - Keep the tab's Progress current by itself (also for runs started elsewhere, e.g. through the API).
+// - While a run holds the WebUI, txt2img and img2img say why a generation waits and where to stop training.
+// - The WebUI's Interrupt is meant for a generation; during training it stops the run only if the person says so.
+(function () {
+    var POLL_RUNNING_MS = 3000;
+    var POLL_IDLE_MS = 15000;
+    var lastPoll = 0;
+
+    function byId(id) {
+        return gradioApp().getElementById(id);
     }
-});
+
+    function textOf(id) {
+        var box = gradioApp().querySelector("#" + id + " textarea");
+        return box ? box.value : "";
+    }
+
+    function trainingLine() {
+        if (!/^(waiting|running|finishing)/.test(textOf("lora_trainer_run_msg"))) {
+            return null;
+        }
+        return textOf("lora_trainer_status").split("\n")[0];
+    }
+
+    function showNotice(line) {
+        ["txt2img", "img2img"].forEach(function (name) {
+            var root = byId("tab_" + name);
+            if (!root) {
+                return;
+            }
+            var box = root.querySelector(".lora-trainer-notice");
+            if (!line) {
+                if (box) {
+                    box.remove();
+                }
+                return;
+            }
+            if (!box) {
+                box = document.createElement("div");
+                box.className = "lora-trainer-notice";
+                root.insertBefore(box, root.firstChild);
+            }
+            box.textContent = "Training LoRA (" + line + "). Generation waits until it ends; stop it in the " +
+                "Train LoRA tab.";
+        });
+    }
+
+    function tick() {
+        var line = trainingLine();
+        showNotice(line);
+        var now = Date.now();
+        var every = line ? POLL_RUNNING_MS : POLL_IDLE_MS;
+        if (document.visibilityState === "visible" && now - lastPoll >= every) {
+            lastPoll = now;
+            var poll = byId("lora_trainer_poll");
+            if (poll) {
+                poll.click();
+            }
+        }
+    }
+
+    function guardInterrupt(id) {
+        var button = byId(id);
+        if (!button) {
+            return;
+        }
+        button.addEventListener("click", function () {
+            if (trainingLine() && confirm("A LoRA is training. Stop the training too? It saves a resumable " +
+                                          "checkpoint. (Cancel: only this generation is interrupted.)")) {
+                var stop = byId("lora_trainer_stop");
+                if (stop) {
+                    stop.click();
+                }
+            }
+        }, true);
+    }
+
+    onUiLoaded(function () {
+        var restore = byId("lora_trainer_restore");
+        if (restore) {
+            restore.click();
+        }
+        ["txt2img_interrupt", "img2img_interrupt"].forEach(guardInterrupt);
+        setInterval(tick, 1000);
+    });
+})();

@@ -197,3 +197,18 @@ def test_autotag_through_the_controller_with_a_tiny_clip(tiny_files, tmp_path):
     for p in sorted(data.glob("*.txt")):
         assert p.read_text().startswith("zztrigger, ")
     assert "is not a folder" in ctl.autotag(str(tmp_path / "nope"), "clip-hf", f"hf:{clip}", 0.3, "", "tags", "keep")
+
+
+def test_the_starting_preset_fits_the_machine(tmp_path):
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.controller import TabController
+    from lora_trainer.ui.jobs import JobRunner
+    from lora_trainer.ui.presets import tier_for
+
+    gib = 2**30
+    assert tier_for("cpu", None) == "CPU / test"
+    assert [tier_for("cuda", n * gib) for n in (6, 8, 12, 16, 24, 80)] == \
+        ["6-8 GB", "6-8 GB", "10-12 GB", "16 GB", "24 GB+", "24 GB+"]
+    host = StandaloneHost(None, tmp_path / "Lora", device="cpu", log=lambda *_: None)
+    assert host.device_memory() == ("cpu", None)
+    assert TabController(host, JobRunner()).starting_tier() == "CPU / test"  # not the 16 GB GPU preset

@@ -17,6 +17,7 @@ the methods, so this file imports anywhere; the pure helpers (`live_state_dict`,
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import re
 import sys
@@ -273,6 +274,9 @@ class A1111Host(Host):
     def _device(self):
         return self._m("devices").device
 
+    def device(self):
+        return self._device()
+
     @staticmethod
     def _unet(sd_model):
         return sd_model.model.diffusion_model
@@ -443,15 +447,20 @@ class A1111Host(Host):
 
 
 class _StateTracker:
-    """Keeps `shared.state` honest while we train (the WebUI's progress bar and API show our steps) and
-    turns its Interrupt button into a stop request."""
+    """Keeps `shared.state` honest while we train (the WebUI's progress bar and API show our steps) and prints
+    a progress line to the WebUI's console every 10 % or 30 s, like the host's own jobs.
 
-    def __init__(self, state, stop):
+    The WebUI's Interrupt is a global flag: pressed on a generation that waits for us, it is meant for that
+    generation, not for the training run. So it never stops training; the tab's Stop (or the API) does, and
+    javascript/lora_trainer.js asks before turning an Interrupt during training into a Stop."""
+
+    def __init__(self, state, stop, print_fn=print, every_s: float = 30.0):
         self.state = state
         self.stop = stop
         self.active = False
-        self._done = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._print = print_fn
+        self._every_s = every_s
+        self._last_print = 0.0
 
     def begin(self) -> None:
         st = self.state
@@ -461,15 +470,6 @@ class _StateTracker:
         st.job_no = 0
         st.textinfo = "Training LoRA: preparing"
         self.active = True
-        if self.stop is not None:
-            self._thread = threading.Thread(target=self._watch, name="lora-trainer-interrupt", daemon=True)
-            self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.5):
-            if getattr(self.state, "interrupted", False) or getattr(self.state, "stopping_generation", False):
-                self.stop.set("interrupted from the WebUI: saving a checkpoint and stopping")
-                return
 
     def on_event(self, event) -> None:
         if not self.active:
@@ -480,14 +480,25 @@ class _StateTracker:
         if event.kind == "step":
             st.job_no = event.step
             st.textinfo = f"Training LoRA: step {event.step}/{event.total_steps}, loss {event.loss:.4f}"
+            self._console(event)
         elif event.message:
             st.textinfo = "Training LoRA: " + event.message.splitlines()[0][:200]
 
+    def _console(self, event) -> None:
+        now = time.monotonic()
+        every = max(1, (event.total_steps or 0) // 10)
+        if event.step % every and event.step != event.total_steps and now - self._last_print < self._every_s:
+            return
+        self._last_print = now
+        eta = f", ETA {datetime.timedelta(seconds=int(event.eta_s))}" if event.eta_s is not None else ""
+        rate = f", {event.it_per_s:.2f} it/s" if event.it_per_s else ""
+        try:
+            self._print(f"[lora-trainer] step {event.step}/{event.total_steps}, loss {event.loss:.4f}{rate}{eta}")
+        except Exception:  # a closed console must not end the run
+            pass
+
     def end(self) -> None:
         self.active = False
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2)
         if hasattr(self.state, "end"):
             try:
                 self.state.end()

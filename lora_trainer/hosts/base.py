@@ -128,6 +128,24 @@ class Host(ABC):
         """Default folder for training runs (checkpoints, logs, caches); one sub-folder per LoRA name."""
         return Path("output") / "lora-trainer"
 
+    def device(self):
+        """The torch device training runs on here."""
+        from ..train.trainer import pick_device
+
+        return pick_device("auto")
+
+    def device_memory(self) -> tuple[str, Optional[int]]:
+        """(device type, total memory in bytes or None): what the tab's starting preset is chosen by."""
+        device = self.device()
+        if device.type == "cuda":
+            import torch
+
+            try:
+                return "cuda", int(torch.cuda.get_device_properties(device).total_memory)
+            except (RuntimeError, AssertionError):
+                return "cuda", None
+        return device.type, None
+
     def model_for(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         """The BaseModel a run trains on (the host's loaded one; the standalone host may load another for one run)."""
         return self.base_model(cfg.model_family, log=log)

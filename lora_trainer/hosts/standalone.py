@@ -101,6 +101,11 @@ class StandaloneHost(Host):
             cfg = cfg.replace(base_model=self._base_path)
         return cfg, notes
 
+    def device(self):
+        from ..train.trainer import pick_device
+
+        return pick_device(self._device_name)
+
     def model_for(self, cfg, log: Callable[[str], None] = print):
         wanted = cfg.base_model
         if not wanted or (self._base_path and _norm(wanted) == _norm(self._base_path)):

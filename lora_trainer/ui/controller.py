@@ -50,6 +50,15 @@ class TabController:
         except Exception:
             return None
 
+    def starting_tier(self) -> str:
+        """The preset tier that fits this machine (a CPU-only WebUI must not open on a 16 GB GPU preset)."""
+        from .presets import tier_for
+
+        try:
+            return tier_for(*self.host.device_memory())
+        except Exception:
+            return "16 GB"
+
     def set_base_model(self, path: str) -> str:
         setter = getattr(self.host, "set_base_model", None)
         if setter is None:

@@ -101,6 +101,18 @@ class Job:
 LOSS_FILE = "loss_history.json"
 
 
+def _waiting_message(host) -> str:
+    """Said while the job waits for the host: "the GPU" only where there is one."""
+    if host.kind == "standalone":
+        return "loading the base model"
+    try:
+        on_gpu = host.device().type == "cuda"
+    except Exception:
+        on_gpu = False
+    return ("waiting for the GPU: the WebUI finishes its current generation first" if on_gpu else
+            "waiting for the WebUI to finish its current generation")
+
+
 def write_loss_history(run_dir: Path, losses: list) -> None:
     """The run's whole loss curve (across stops and resumes), so a reloaded page or a resumed run shows it all."""
     import json
@@ -241,7 +253,7 @@ class JobRunner:
         log = lambda msg: events.emit("message", message=msg)  # noqa: E731
         result = None
         try:
-            events.emit("message", message="waiting for the GPU" if host.kind != "standalone" else "loading")
+            events.emit("message", message=_waiting_message(host))
             with host.exclusive_gpu(stop=job.stop_flag, events=events):
                 job.state = "running"
                 with host.clean_weights():

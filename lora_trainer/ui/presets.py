@@ -30,6 +30,20 @@ _GOAL = {
 }
 
 
+def tier_for(device_type: str, total_bytes: Optional[int]) -> str:
+    """The tier a machine starts on: its device and how much memory that device has."""
+    if device_type != "cuda" or not total_bytes:
+        return "CPU / test" if device_type == "cpu" else "16 GB"  # mps / unknown: the middle ground
+    gib = total_bytes / 2**30
+    if gib < 9.5:
+        return "6-8 GB"
+    if gib < 14:
+        return "10-12 GB"
+    if gib < 20:
+        return "16 GB"
+    return "24 GB+"
+
+
 def _tier(tier: str, family: str) -> dict[str, Any]:
     sdxl = family == "sdxl"
     if tier == "6-8 GB":

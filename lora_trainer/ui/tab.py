@@ -53,7 +53,8 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
     g4 = gradio_major() >= 4
     png = {"format": "png"} if g4 else {}  # Gradio 4 would save output images as lossy WebP otherwise
     initial_family = ctl.family()
-    start_values = dict(preset("16 GB", "style", initial_family))
+    initial_tier = ctl.starting_tier()
+    start_values = dict(preset(initial_tier, "style", initial_family))
     start_values.update(output_name="my_lora", output_dir=str(host.work_dir()))
 
     with gr.Blocks(analytics_enabled=False, elem_id="lora_trainer_tab") as tab:
@@ -130,7 +131,8 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
         # ---- Parameters -----------------------------------------------------------------------------
         gr.Markdown("### 4. Parameters")
         with gr.Row():
-            tier = gr.Dropdown(label="GPU memory", choices=list(TIERS), value="16 GB", elem_id="lora_trainer_tier")
+            tier = gr.Dropdown(label="GPU memory (this machine's is preselected)", choices=list(TIERS),
+                               value=initial_tier, elem_id="lora_trainer_tier")
             goal = gr.Dropdown(label="Goal", choices=list(GOALS), value="style", elem_id="lora_trainer_goal")
             preset_btn = gr.Button("Apply preset", elem_id="lora_trainer_preset")
         basics = basic_specs()
@@ -169,6 +171,7 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             stop_btn = gr.Button("Stop (save a checkpoint)", elem_id="lora_trainer_stop")
             watch_btn = gr.Button("Refresh progress", elem_id="lora_trainer_watch")
             restore_btn = gr.Button("restore", elem_id="lora_trainer_restore", elem_classes=["lora-trainer-hidden"])
+            poll_btn = gr.Button("poll", elem_id="lora_trainer_poll", elem_classes=["lora-trainer-hidden"])
         with gr.Row():
             run_choices = ctl.run_choices()
             runs_pick = gr.Dropdown(label="Stopped run to resume (newest first; it continues with its own settings)",
@@ -348,6 +351,12 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             form = [gr.update(value=values[k]) if values and k in values else gr.update() for k in keys]
             return form + [gr.update(value=state["folder"]) if state["folder"] else gr.update(), runs_update()] + \
                 view_updates(state["view"])
+
+        def poll():  # javascript/lora_trainer.js: keeps Progress current for runs started elsewhere (API, tab)
+            view = ctl.run_view()
+            return view["status"], view["run"], view["log"]
+
+        poll_btn.click(poll, None, [status_box, run_msg, log_box])
 
         restore_outputs = form_inputs + [dataset_dir, runs_pick] + run_outputs
         restore_btn.click(restore, None, restore_outputs).then(watch, None, run_outputs)
