@@ -4,6 +4,7 @@
 // - Keep the tab's Progress current by itself (also for runs started elsewhere, e.g. through the API).
 // - While a run holds the WebUI, txt2img and img2img say why a generation waits and where to stop training.
 // - The WebUI's Interrupt is meant for a generation; during training it stops the run only if the person says so.
+// - When a run finishes, the WebUI's Lora cards are refreshed so the new LoRA is there at once.
 (function () {
     var POLL_RUNNING_MS = 3000;
     var POLL_IDLE_MS = 15000;
@@ -48,9 +49,25 @@
         });
     }
 
+    var wasTraining = false;
+
+    function refreshLoraCards() {
+        // the WebUI's own hidden refresh buttons of the Lora pages (what its Refresh icon presses)
+        ["txt2img", "img2img"].forEach(function (name) {
+            var button = byId(name + "_lora_extra_refresh_internal");
+            if (button) {
+                button.dispatchEvent(new Event("click"));
+            }
+        });
+    }
+
     function tick() {
         var line = trainingLine();
         showNotice(line);
+        if (wasTraining && !line && /^finished/.test(textOf("lora_trainer_run_msg"))) {
+            refreshLoraCards(); // the new LoRA shows as a card without a manual refresh
+        }
+        wasTraining = !!line;
         var now = Date.now();
         var every = line ? POLL_RUNNING_MS : POLL_IDLE_MS;
         if (document.visibilityState === "visible" && now - lastPoll >= every) {

@@ -76,6 +76,14 @@ def test_job_runs_to_the_end_installs_the_file_and_previews_prove_it(setup):
     w1 = np.asarray(host.preview("zzstyle, red square", "style", 1.0, 11, 3, 64))
     assert np.array_equal(base, w0)
     assert np.abs(base.astype(int) - w1.astype(int)).mean() > 0.5
+    # a checkpoint's preview goes through a staged copy that is gone afterwards: no stray cards in the host
+    from lora_trainer.ui.controller import TabController
+
+    ctl = TabController(host, runner)
+    image, msg = ctl.generate("zzstyle, red square", "style", "step 2", 1.0, 11, 3, "64")
+    assert image is not None and "style-step000002-" in msg, msg
+    assert not (host.lora_dir() / "lora-trainer-previews").exists()
+    assert all("step" not in name for name in host.list_loras())
     # a second run of the same name never replaces the first
     first_bytes = lora.read_bytes()
     runner.start(_cfg(data, host, save_steps=0), host)

@@ -272,6 +272,21 @@ class Host(ABC):
         return StagedLora(name, target)
 
 
+    def unstage_lora(self, staged: StagedLora) -> None:
+        """Removes a preview copy after use, so it never shows among the person's LoRA cards or in the API's list."""
+        try:
+            staged.path.unlink()
+        except OSError:
+            return
+        folder = staged.path.parent
+        try:
+            if folder.name == PREVIEW_SUBDIR and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:
+            pass
+        self.refresh_loras()
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 

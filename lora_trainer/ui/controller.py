@@ -317,40 +317,49 @@ class TabController:
     def default_prompt(self, folder: str, trigger: str) -> str:
         return dt.default_prompt(folder, trigger)
 
-    def _lora_for(self, lora_name: str, checkpoint: str) -> str:
+    def _lora_for(self, lora_name: str, checkpoint: str):
+        """(name the host's prompt uses, the staged preview copy to remove afterwards or None)."""
         if checkpoint and checkpoint != INSTALLED:
             st = self.runner.status()
             step = checkpoint.replace("step", "").strip()
             for c in st.get("checkpoints") or []:
                 if str(c["step"]) == step and c.get("lora"):
                     staged = self.host.stage_lora(Path(c["lora"]), f"{st['name']}-step{int(c['step']):06d}")
-                    return staged.name
+                    return staged.name, staged
             raise UIError(f"checkpoint {checkpoint} is gone (pruned or from an earlier session)")
         if not lora_name:
             raise UIError("choose a LoRA (train one first, or press Refresh)")
-        return lora_name
+        return lora_name, None
 
     def generate(self, prompt: str, lora_name: str, checkpoint: str, weight: float, seed, steps, size):
         """(PIL image or None, message)."""
         if self.runner.running:
             return None, "a training run is using the GPU; preview when it has finished (or stop it)"
+        staged = None
         try:
-            name = self._lora_for(lora_name, checkpoint)
+            name, staged = self._lora_for(lora_name, checkpoint)
             image = self.host.preview(prompt or "", name, float(weight), int(seed), int(steps), _size(size))
         except (UIError, HostError) as e:
             return None, str(e)
+        finally:
+            if staged is not None:
+                self.host.unstage_lora(staged)
         return image, f"<lora:{name}:{float(weight):g}> seed {int(seed)}, {int(steps)} steps"
 
     def sweep(self, prompt: str, lora_name: str, checkpoint: str, seed, steps, size):
         """([(PIL image, label)], message) for the weights 0, 0.25, 0.5, 0.75, 1."""
         if self.runner.running:
             return [], "a training run is using the GPU; preview when it has finished (or stop it)"
+        staged = None
         try:
-            name = self._lora_for(lora_name, checkpoint)
+            name, staged = self._lora_for(lora_name, checkpoint)
             images = [(self.host.preview(prompt or "", name, w, int(seed), int(steps), _size(size)), f"weight {w:g}")
                       for w in SWEEP_WEIGHTS]
         except (UIError, HostError) as e:
             return [], str(e)
+        finally:
+            if staged is not None:
+                self.host.unstage_lora(staged)
         return images, f"{name}: weights {', '.join(f'{w:g}' for w in SWEEP_WEIGHTS)}, seed {int(seed)}"
 
 
