@@ -61,7 +61,22 @@
         });
     }
 
+    var restoreTries = 0;
+
+    function restoreOnce() {
+        // Pressed until the handler has answered: right after onUiLoaded, Gradio may not listen to clicks yet.
+        if (textOf("lora_trainer_restored") || restoreTries >= 60) {
+            return;
+        }
+        var button = byId("lora_trainer_restore");
+        if (button && restoreTries % 3 === 0) {
+            button.click();
+        }
+        restoreTries += 1;
+    }
+
     function tick() {
+        restoreOnce();
         var line = trainingLine();
         showNotice(line);
         if (wasTraining && !line && /^finished/.test(textOf("lora_trainer_run_msg"))) {
@@ -96,10 +111,6 @@
     }
 
     onUiLoaded(function () {
-        var restore = byId("lora_trainer_restore");
-        if (restore) {
-            restore.click();
-        }
         ["txt2img_interrupt", "img2img_interrupt"].forEach(guardInterrupt);
         setInterval(tick, 1000);
     });

@@ -144,6 +144,8 @@ def run_training(cfg: TrainConfig) -> int:
         name = result.lora_path.stem
         print(f"\nDone: {result.lora_path}\nCopy it into your WebUI's models/Lora folder and prompt with "
               f"<lora:{name}:0.8>, or in diffusers: pipe.load_lora_weights('{result.lora_path}')")
+    if result.status == "stopped" and result.checkpoint is not None:
+        print(f"resume with the same command plus --resume_from_checkpoint {result.checkpoint} (or: latest)")
     return 0 if result.status == "finished" else 130
 
 

@@ -239,7 +239,7 @@ def test_sigint_saves_a_resumable_checkpoint(tiny_files, tmp_path):
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=240)
     assert proc.returncode == 130, seen + rest
-    assert "resume with --resume_from_checkpoint" in rest
+    assert "plus --resume_from_checkpoint" in rest  # the CLI says how to go on (the tab has its button)
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())

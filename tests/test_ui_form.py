@@ -8,7 +8,7 @@ from lora_trainer.config import ConfigError, field_meta, load_yaml
 from lora_trainer.hosts.standalone import StandaloneHost
 from lora_trainer.ui import dataset_tools as dt
 from lora_trainer.ui.controller import INSTALLED, TabController, format_status
-from lora_trainer.ui.form import (MANAGED_ELSEWHERE, advanced_specs, basic_specs, config_to_form, field_specs,
+from lora_trainer.ui.form import (MANAGED_ELSEWHERE, TEXT_GENERATION_KEYS, advanced_specs, basic_specs, config_to_form, field_specs,
                                   form_to_config)
 from lora_trainer.ui.jobs import JobRunner
 from lora_trainer.ui.plot import loss_curve
@@ -22,7 +22,7 @@ quiet = lambda *_: None  # noqa: E731
 def test_every_config_key_has_exactly_one_widget():
     keys = [s.key for s in field_specs()]
     assert len(keys) == len(set(keys))
-    assert set(keys) | set(MANAGED_ELSEWHERE) == set(field_meta())
+    assert set(keys) | set(MANAGED_ELSEWHERE) | set(TEXT_GENERATION_KEYS) == set(field_meta())
     basic = [s.key for s in basic_specs()]
     assert basic[0] == "output_name" and set(basic) == {k for k, m in field_meta().items() if m["group"] == "basic"}
     assert not set(basic) & {s.key for s in advanced_specs()}
@@ -39,7 +39,7 @@ def test_form_round_trip_and_validation():
     assert form["sample_prompts"] == "a red ball\na blue ball" and form["max_train_steps"] == "7"
     back = form_to_config(form)
     for key, value in cfg.to_dict().items():
-        if key not in MANAGED_ELSEWHERE:
+        if key not in MANAGED_ELSEWHERE and key not in TEXT_GENERATION_KEYS:
             assert getattr(back, key) == value, key
     form["max_train_steps"] = ""
     form["learning_rate"] = "2e-4"
@@ -139,7 +139,7 @@ def test_controller_yaml_is_the_cli_yaml(tiny_files, tmp_path):
     values = config_to_form(base_config(output_name="yaml_style", max_train_steps=3, caption_prefix="zz"))
     msg = ctl.save_yaml(values, str(data), str(tmp_path / "cfg" / "my"))
     path = tmp_path / "cfg" / "my.yaml"
-    assert path.is_file() and "--config" in msg
+    assert path.is_file() and "Load YAML" in msg and "python -m" not in msg  # tab words, not a terminal command
     cfg = load_yaml(path)  # exactly what `python -m lora_trainer train --config` reads
     assert cfg.base_model == str(tiny_files["sd1"]) and cfg.train_data_dir == str(data)
     assert cfg.output_name == "yaml_style" and cfg.max_train_steps == 3 and cfg.caption_prefix == "zz"

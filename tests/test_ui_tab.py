@@ -6,7 +6,7 @@ gr = pytest.importorskip("gradio")
 from lora_trainer.config import field_meta  # noqa: E402
 from lora_trainer.hosts.standalone import StandaloneHost  # noqa: E402
 from lora_trainer.ui import build_tab  # noqa: E402
-from lora_trainer.ui.form import MANAGED_ELSEWHERE  # noqa: E402
+from lora_trainer.ui.form import MANAGED_ELSEWHERE, TEXT_GENERATION_KEYS  # noqa: E402
 from lora_trainer.ui.jobs import JobRunner  # noqa: E402
 
 
@@ -26,8 +26,13 @@ def test_tab_builds_with_a_widget_per_config_key(tiny_files, tmp_path):
     ids = _elem_ids(tab)
     assert all(len(v) == 1 for v in ids.values()), [k for k, v in ids.items() if len(v) > 1]
     for key in field_meta():
-        if key not in MANAGED_ELSEWHERE:
+        if key in TEXT_GENERATION_KEYS:  # the image tab has no text-generation fields
+            assert f"lora_trainer_cfg_{key}" not in ids, key
+        elif key not in MANAGED_ELSEWHERE:
             assert f"lora_trainer_cfg_{key}" in ids, key
+            widget = ids[f"lora_trainer_cfg_{key}"][0]
+            assert "_" not in widget.label and f"YAML key: {key}" in widget.info  # words; the key in the tooltip
+            assert "text-generation" not in widget.info, key
     for eid in ("lora_trainer_base_info", "lora_trainer_dataset_dir", "lora_trainer_gallery", "lora_trainer_autotag",
                 "lora_trainer_caption", "lora_trainer_bulk_btn", "lora_trainer_preset", "lora_trainer_yaml_save",
                 "lora_trainer_start", "lora_trainer_stop", "lora_trainer_resume", "lora_trainer_status",

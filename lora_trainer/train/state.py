@@ -233,8 +233,9 @@ def _load_legacy(folder: Path, notes: list[str]):
     return optim, rng
 
 
-def archive_checkpoints(output_dir: Path) -> Path:
-    """Moves an earlier run's checkpoint-* folders into output_dir/previous-<time>/ (nothing is deleted)."""
+def archive_checkpoints(output_dir: Path, name: Optional[str] = None) -> Path:
+    """Moves an earlier run's checkpoint-* folders (and, given its name, its final LoRA files) into
+    output_dir/previous-<time>/: nothing is deleted, and the new run's files get the plain names."""
     import time
 
     output_dir = Path(output_dir)
@@ -247,6 +248,10 @@ def archive_checkpoints(output_dir: Path) -> Path:
     for p in output_dir.glob("checkpoint-*"):
         if p.is_dir():
             os.replace(p, target / p.name)
+    if name:
+        for p in list(output_dir.glob(f"{name}.*")) + list(output_dir.glob(f"{name}_*.*")):
+            if p.is_file() and p.suffix in (".safetensors", ".json", ".png"):
+                os.replace(p, target / p.name)
     return target
 
 

@@ -450,8 +450,8 @@ class Trainer:
         tb.close()
         if status == "stopped":
             self.events.emit("stopped", step=global_step, total_steps=total_steps, path=str(last_checkpoint),
-                             message=f"stopped at step {global_step}/{total_steps} ({self.stop.reason}); resume with "
-                                     f"--resume_from_checkpoint {last_checkpoint}")
+                             message=f"stopped at step {global_step}/{total_steps} ({self.stop.reason}); the run "
+                                     f"continues from {last_checkpoint}")
             return TrainResult("stopped", None, last_checkpoint, global_step, total_steps, losses)
 
         try:
@@ -477,7 +477,7 @@ class Trainer:
         if earlier is None:
             return
         if self.cfg.overwrite or self._earlier_run == "archive":
-            moved = ckpt.archive_checkpoints(self.output_dir)
+            moved = ckpt.archive_checkpoints(self.output_dir, self.cfg.name)
             self.log(f"{self.output_dir} held an earlier run's checkpoints; moved them to {moved}")
             return
         raise ConfigError(f"output_dir: {self.output_dir} holds checkpoints of an earlier run (the latest is "

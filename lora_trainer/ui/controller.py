@@ -195,7 +195,7 @@ class TabController:
         if target.suffix.lower() not in (".yaml", ".yml"):
             target = target.with_suffix(".yaml")
         atomic_write_text(target, cfg.to_yaml())
-        return f"saved {target} (train it from a terminal with: python -m lora_trainer train --config {target})"
+        return f"saved {target} (Load YAML reads it back; the lora-trainer CLI trains from the same file)"
 
     def load_yaml(self, path: str = "", data: Optional[bytes] = None) -> tuple[Optional[dict], Optional[str], str]:
         """(form values, dataset folder, message) from a YAML path or uploaded bytes."""

@@ -17,11 +17,32 @@ from ..config import TrainConfig, field_meta, from_dict
 
 # Keys that other sections of the tab own: the dataset folder (Dataset) and the base model (the host's).
 MANAGED_ELSEWHERE = ("train_data_dir", "base_model")
+# Keys of text-generation training, which the image tab does not do (the CLI does).
+TEXT_GENERATION_KEYS = ("task_type", "max_seq_length", "prompt_template", "packing", "validation_split",
+                        "early_stopping_patience")
 # Basic fields in this order first (name first); any other "basic" key follows.
 BASIC_ORDER = ("output_name", "caption_prefix", "resolution", "lora_rank", "lora_alpha", "learning_rate",
                "batch_size", "epochs", "max_train_steps", "train_text_encoder", "output_dir")
-LABELS = {"output_name": "LoRA name", "caption_prefix": "Trigger word (caption_prefix)",
-          "output_dir": "Run folder (output_dir: one sub-folder per LoRA name)"}
+LABELS = {"output_name": "LoRA name", "caption_prefix": "Trigger word (put first in every caption)",
+          "output_dir": "Run folder (one sub-folder per LoRA name)", "seed": "Training seed",
+          "lora_alpha": "LoRA alpha (scale = alpha / rank)", "conv_lora": "LoCon (also train the convolutions)",
+          "use_dora": "DoRA (weight-decomposed LoRA)", "v_parameterization": "V-prediction model",
+          "init_lora_weights": "Continue from a LoRA file", "resume_from_checkpoint": "Resume from checkpoint folder",
+          "log_with": "Training log", "overwrite": "Replace an existing LoRA of the same name"}
+# Words of config keys as a person says them (labels); the key itself is in each field's tooltip.
+WORDS = {"lora": "LoRA", "lr": "LR", "snr": "SNR", "vae": "VAE", "dora": "DoRA", "reso": "resolution", "n": "N",
+         "te": "TE", "clip": "CLIP", "cfg": "CFG", "aug": "augmentation", "dir": "folder", "8bit": "8-bit"}
+# Tooltips that would mention the CLI's text-generation mode
+TAB_HELP = {"init_lora_weights": "continue training an existing LoRA .safetensors file (same family and rank)",
+            "target_modules": "module names to adapt (default: kohya's targets)"}
+
+
+def label_of(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
+    words = [WORDS.get(w, w) for w in key.split("_")]
+    text = " ".join(words)
+    return text[0].upper() + text[1:]
 
 
 @dataclass(frozen=True)
@@ -37,7 +58,11 @@ class FieldSpec:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.key, self.key)
+        return label_of(self.key)
+
+    @property
+    def tooltip(self) -> str:
+        return f"{TAB_HELP.get(self.key, self.help)} (YAML key: {self.key})"
 
     @property
     def elem_id(self) -> str:
@@ -56,7 +81,7 @@ def field_specs() -> list[FieldSpec]:
     hints = get_type_hints(TrainConfig)
     specs = []
     for key, meta in field_meta().items():
-        if key in MANAGED_ELSEWHERE:
+        if key in MANAGED_ELSEWHERE or key in TEXT_GENERATION_KEYS:
             continue
         types, optional = _types(hints[key])
         choices = tuple(meta["choices"]) if meta.get("choices") else None

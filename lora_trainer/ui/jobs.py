@@ -152,6 +152,9 @@ def list_runs(work_dir: Path) -> list[dict]:
             progress = ckpt.read_progress(latest)
         except Exception:
             continue
+        final = run_dir / f"{run_dir.name}.safetensors"
+        if final.is_file() and final.stat().st_mtime >= latest.stat().st_mtime:
+            continue  # it finished after its last checkpoint: nothing to resume
         runs.append({"name": run_dir.name, "run_dir": run_dir, "checkpoint": latest,
                      "step": progress.get("global_step", 0), "total_steps": progress.get("total_steps"),
                      "time": latest.stat().st_mtime})

@@ -27,7 +27,7 @@ def gradio_major() -> int:
 
 
 def _widget(gr, spec, value):
-    common = dict(label=spec.label, elem_id=spec.elem_id, info=spec.help or None)
+    common = dict(label=spec.label, elem_id=spec.elem_id, info=spec.tooltip)
     if spec.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind == "choice":
@@ -172,6 +172,9 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             watch_btn = gr.Button("Refresh progress", elem_id="lora_trainer_watch")
             restore_btn = gr.Button("restore", elem_id="lora_trainer_restore", elem_classes=["lora-trainer-hidden"])
             poll_btn = gr.Button("poll", elem_id="lora_trainer_poll", elem_classes=["lora-trainer-hidden"])
+            # set by the restore handler: the page's script presses restore until this says it ran
+            restored_mark = gr.Textbox(value="", elem_id="lora_trainer_restored", elem_classes=["lora-trainer-hidden"],
+                                       show_label=False)
         with gr.Row():
             run_choices = ctl.run_choices()
             runs_pick = gr.Dropdown(label="Stopped run to resume (newest first; it continues with its own settings)",
@@ -350,7 +353,7 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             values = state["values"]
             form = [gr.update(value=values[k]) if values and k in values else gr.update() for k in keys]
             return form + [gr.update(value=state["folder"]) if state["folder"] else gr.update(), runs_update()] + \
-                view_updates(state["view"])
+                view_updates(state["view"]) + [str(time.time())]
 
         def poll():  # javascript/lora_trainer.js: keeps Progress current for runs started elsewhere (API, tab)
             view = ctl.run_view()
@@ -358,7 +361,7 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
 
         poll_btn.click(poll, None, [status_box, run_msg, log_box])
 
-        restore_outputs = form_inputs + [dataset_dir, runs_pick] + run_outputs
+        restore_outputs = form_inputs + [dataset_dir, runs_pick] + run_outputs + [restored_mark]
         restore_btn.click(restore, None, restore_outputs).then(watch, None, run_outputs)
         if restore_on_load:
             tab.load(restore, None, restore_outputs).then(watch, None, run_outputs)
