@@ -153,9 +153,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
+    cfg = config_from_args(args)
+    if cfg.task_type == "text-generation":
+        from .text.report import run_text_check
+
+        return run_text_check(cfg)
     from .data import run_check
 
-    return run_check(config_from_args(args))
+    return run_check(cfg)
 
 
 def cmd_demo(args) -> int:
@@ -194,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems")
+    p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems; for "
+                                     "task_type text-generation: files, samples, skipped lines, token lengths")
     p.add_argument("config_file", nargs="?", help="config file (same as --config)")
     p.add_argument("--config", "-c", help=config_help)
     p.add_argument("--dump_config", metavar="PATH", help="also write the effective config as our YAML")
