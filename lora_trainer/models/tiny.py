@@ -160,10 +160,14 @@ def write_diffusers_folder(model, folder: Path) -> Path:
     return folder
 
 
+def tiny_model_name(family: str, v_prediction: bool = False) -> str:
+    return f"tiny-{family}{'-v' if v_prediction else ''}.safetensors"
+
+
 def ensure_tiny_model(folder: Path, family: str = "sd1", v_prediction: bool = False) -> Path:
-    """The demo's built-in base model, written once into `folder`."""
-    path = Path(folder) / f"tiny-{family}{'-v' if v_prediction else ''}.safetensors"
-    if not path.is_file():
+    """The demo's built-in base model, written once into `folder` (with its .yaml)."""
+    path = Path(folder) / tiny_model_name(family, v_prediction)
+    if not path.is_file() or not path.with_suffix(".yaml").is_file():
         write_tiny_single_file(path, family, v_prediction)
     return path
 
