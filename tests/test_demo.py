@@ -67,6 +67,7 @@ def test_export_base_writes_a_model_with_its_yaml_that_trains(tmp_path, capsys, 
     assert main(["demo", "--export-base", str(target)]) == 0
     out = capsys.readouterr().out
     assert target.is_file() and target.with_suffix(".yaml").is_file()
+    assert target.stat().st_mode & 0o777 == target.with_suffix(".yaml").stat().st_mode & 0o777  # not owner-only
     assert str(target) in out and "my-tiny.yaml" in out and "keep the two together" in out
     assert not (tmp_path / "output").exists()  # no training
     # the same weights the demo trains on

@@ -137,9 +137,20 @@ def write_tiny_single_file(path: Path, family: str, v_prediction: bool = False, 
     path.parent.mkdir(parents=True, exist_ok=True)
     sd, original = tiny_ldm_state_dict(family, v_prediction, seed)
     save_file(sd, str(path))
+    _usual_mode(path)
     if with_yaml:
         path.with_suffix(".yaml").write_text(yaml.safe_dump(original))
     return path
+
+
+def _usual_mode(path: Path) -> None:
+    """safetensors 0.8 creates files readable by their owner only; a model file people copy around gets the
+    mode any new file gets here (0644 under the usual umask)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_diffusers_folder(model, folder: Path) -> Path:
