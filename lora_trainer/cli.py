@@ -155,22 +155,35 @@ def cmd_train(args) -> int:
 
 
 def cmd_check(args) -> int:
+    cfg = config_from_args(args)
+    if cfg.task_type == "text-generation":
+        from .text.report import run_text_check
+
+        return run_text_check(cfg)
     from .data import run_check
 
-    return run_check(config_from_args(args))
+    return run_check(cfg)
 
 
 def cmd_demo(args) -> int:
-    from .demo import demo_config
+    from .demo import demo_config, export_base, next_steps, tiny_model_threads
 
+    if args.export_base:
+        path = export_base(Path(args.export_base), family=args.family)
+        print(f"wrote the demo's tiny {args.family.upper()} base model (random weights): {path}\n"
+              f"  and its {path.with_suffix('.yaml').name} beside it: keep the two together (the .yaml says how "
+              f"to build this non-standard model; without it the file is refused)\n"
+              f"Train on your own images with it, offline:\n"
+              f"  python -m lora_trainer train --base_model {path} --train_data_dir YOUR_IMAGES --resolution 64 "
+              f"--output_dir output/tiny-test")
+        return 0
     cfg = demo_config(Path(args.output_dir), family=args.family, steps=args.steps)
+    tiny_model_threads()
     print(f"demo: training a {args.family.upper()} LoRA on the bundled sample images with a built-in tiny base model "
           f"(random weights, offline). Output: {cfg.output_dir}")
     code = run_training(cfg)
     if code == 0:
-        print("This LoRA fits the tiny demo model only. For a real one, set base_model to your checkpoint "
-              "(e.g. models/Stable-diffusion/v1-5-pruned-emaonly.safetensors) and train_data_dir to your images in "
-              "configs/sd15_character.yaml, then: python -m lora_trainer train configs/sd15_character.yaml")
+        print(next_steps(cfg, args.family))
     return code
 
 
@@ -196,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems")
+    p = sub.add_parser("check", help="report on a dataset: images, captions, buckets, duplicates, problems; for "
+                                     "task_type text-generation: files, samples, skipped lines, token lengths")
     p.add_argument("config_file", nargs="?", help="config file (same as --config)")
     p.add_argument("--config", "-c", help=config_help)
     p.add_argument("--dump_config", metavar="PATH", help="also write the effective config as our YAML")
@@ -212,12 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as e:  # pragma: no cover - only when the caption package is broken
         p.set_defaults(func=lambda a, e=e: (print(f"caption is unavailable: {e}"), 1)[1])
 
+    from .demo import DEMO_STEPS
+
     p = sub.add_parser("demo", help="train on the bundled sample images with a built-in tiny model (offline)")
     p.add_argument("--output_dir", default="output/demo",
                    help="where the demo's base model, LoRA, checkpoint and sample go (default: %(default)s)")
     p.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"],
                    help="which tiny model family to train on (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps to train (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="optimizer steps to train (default: %(default)s)")
+    p.add_argument("--export-base", "--export_base", dest="export_base", metavar="PATH", default=None,
+                   help="only write the tiny base model (PATH.safetensors, or tiny-<family>.safetensors in the folder "
+                        "PATH) with its same-named .yaml, to use as base_model offline; no training")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="merge a text-generation LoRA adapter into its base model")

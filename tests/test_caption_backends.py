@@ -148,7 +148,7 @@ def test_open_clip_missing_says_what_to_do(monkeypatch):
     with pytest.raises(TaggerUnavailable) as err:
         load_backend("open_clip:ViT-B-32/laion2b_s34b_b79k", device="cpu")
     message = str(err.value)
-    assert "pip install open_clip_torch" in message and "torchvision" in message
+    assert "pip install -c keep-torch.txt open_clip_torch" in message and "torchvision" in message
     assert "hf:openai/clip-vit-base-patch32" in message
 
 

@@ -205,14 +205,6 @@ def test_cli_names_bad_config_keys(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_demo_command(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--steps", "4"]) == 0
-    out = capsys.readouterr().out
-    assert (tmp_path / "demo" / "demo_sd1.safetensors").is_file()
-    assert "<lora:demo_sd1:0.8>" in out
-    assert math.isfinite(len(out))
-
-
 def test_sigint_saves_a_resumable_checkpoint(tiny_files, tmp_path):
     """Ctrl-C in the CLI: the run stops at the next step with a checkpoint, exit code 130, and resumes."""
     import os

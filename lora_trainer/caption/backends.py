@@ -222,10 +222,12 @@ def import_open_clip():
             torch_version = torch.__version__
         except Exception:  # pragma: no cover
             torch_version = "?"
+        from ..keep_torch import INSTALL_OPEN_CLIP, PYTORCH_URL
+
         raise TaggerUnavailable(
-            f"open_clip cannot be imported here ({type(e).__name__}: {e}). Install it with "
-            f"`pip install open_clip_torch` together with the torchvision build that matches your torch "
-            f"{torch_version}, {HF_FALLBACK_HINT}") from e
+            f"open_clip cannot be imported here ({type(e).__name__}: {e}). It needs torchvision built for your "
+            f"torch {torch_version}: install that the way you installed torch ({PYTORCH_URL}), then open_clip "
+            f"without letting pip replace either: `{INSTALL_OPEN_CLIP}`; {HF_FALLBACK_HINT}") from e
     return open_clip
 
 

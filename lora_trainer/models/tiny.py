@@ -98,23 +98,35 @@ def tiny_ldm_state_dict(family: str, v_prediction: bool = False, seed: int = 0) 
     unet = UNet2DConditionModel(**_unet_config(family, original, {}))
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**_vae_config(family, original, {}))
+    if family == "sdxl":
+        encoders = [_text_encoder(False, False, seed + 2), _text_encoder(True, True, seed + 3)]
+    else:
+        encoders = [_text_encoder(family == "sd2", family == "sd2", seed + 2)]
+    sd = ldm_state_dict_of(family, unet, vae, encoders)
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    return sd, original
+
+
+def ldm_state_dict_of(family: str, unet, vae, text_encoders: list) -> dict:
+    """The original-format (LDM/SGM) keys of diffusers / transformers modules, with their tensors (or, for
+    modules on the meta device, their shapes)."""
     sd = {}
     sd.update(names.unet_to_ldm_state_dict(unet))
     sd.update(names.vae_to_ldm_state_dict(vae))
+
+    def clip(te, prefix):
+        return {prefix + k: v for k, v in names.canonical_clip_keys(te.state_dict()).items()
+                if not k.endswith("position_ids")}
+
     if family == "sd1":
-        te = _text_encoder(False, False, seed + 2)
-        sd.update({names.SD1_TE_PREFIX + k: v for k, v in names.canonical_clip_keys(te.state_dict()).items() if not k.endswith("position_ids")})
+        sd.update(clip(text_encoders[0], names.SD1_TE_PREFIX))
     elif family == "sd2":
-        te = _text_encoder(True, True, seed + 2)
-        sd.update(names.hf_to_openclip(names.canonical_clip_keys(te.state_dict()), names.SD2_TE_PREFIX))
+        sd.update(names.hf_to_openclip(names.canonical_clip_keys(text_encoders[0].state_dict()), names.SD2_TE_PREFIX))
     else:
-        te1 = _text_encoder(False, False, seed + 2)
-        te2 = _text_encoder(True, True, seed + 3)
-        sd.update({names.SDXL_TE1_PREFIX + k: v for k, v in names.canonical_clip_keys(te1.state_dict()).items()
-                   if not k.endswith("position_ids")})
-        sd.update(names.hf_to_openclip(names.canonical_clip_keys(te2.state_dict()), names.SDXL_TE2_PREFIX))
-    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    return sd, original
+        sd.update(clip(text_encoders[0], names.SDXL_TE1_PREFIX))
+        sd.update(names.hf_to_openclip(names.canonical_clip_keys(text_encoders[1].state_dict()),
+                                       names.SDXL_TE2_PREFIX))
+    return sd
 
 
 def write_tiny_single_file(path: Path, family: str, v_prediction: bool = False, seed: int = 0,
@@ -125,9 +137,20 @@ def write_tiny_single_file(path: Path, family: str, v_prediction: bool = False, 
     path.parent.mkdir(parents=True, exist_ok=True)
     sd, original = tiny_ldm_state_dict(family, v_prediction, seed)
     save_file(sd, str(path))
+    _usual_mode(path)
     if with_yaml:
         path.with_suffix(".yaml").write_text(yaml.safe_dump(original))
     return path
+
+
+def _usual_mode(path: Path) -> None:
+    """safetensors 0.8 creates files readable by their owner only; a model file people copy around gets the
+    mode any new file gets here (0644 under the usual umask)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_diffusers_folder(model, folder: Path) -> Path:
@@ -160,10 +183,14 @@ def write_diffusers_folder(model, folder: Path) -> Path:
     return folder
 
 
+def tiny_model_name(family: str, v_prediction: bool = False) -> str:
+    return f"tiny-{family}{'-v' if v_prediction else ''}.safetensors"
+
+
 def ensure_tiny_model(folder: Path, family: str = "sd1", v_prediction: bool = False) -> Path:
-    """The demo's built-in base model, written once into `folder`."""
-    path = Path(folder) / f"tiny-{family}{'-v' if v_prediction else ''}.safetensors"
-    if not path.is_file():
+    """The demo's built-in base model, written once into `folder` (with its .yaml)."""
+    path = Path(folder) / tiny_model_name(family, v_prediction)
+    if not path.is_file() or not path.with_suffix(".yaml").is_file():
         write_tiny_single_file(path, family, v_prediction)
     return path
 

@@ -5,6 +5,7 @@ Public API (imported lazily, so `import lora_trainer.text` stays cheap):
 - merge_adapter(adapter, output, base_model=None, overwrite=False) -> Path of the merged model folder
 - read_text_samples(folder) -> (samples, issues, ignored files)
 - build_dataset(cfg, tokenizer) -> TextDataset (tokenized, split, packed)
+- build_text_report(cfg) -> TextReport (what `check` prints for a text dataset)
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ _EXPORTS = {
     "TextSample": "data",
     "build_dataset": "dataset",
     "TextDataset": "dataset",
+    "build_text_report": "report",
+    "run_text_check": "report",
     "Renderer": "templates",
     "tokenize_rendered": "templates",
 }

@@ -31,6 +31,7 @@ class DataIssue:
     file: str
     line: int  # 1-based; 0 when the problem concerns the whole file
     message: str
+    skipped: bool = True  # False for a sample that is used all the same (truncated)
 
     def __str__(self) -> str:
         where = f"{self.file} line {self.line}" if self.line else self.file

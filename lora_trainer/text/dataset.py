@@ -20,12 +20,15 @@ class TextDataset:
     n_samples: int = 0  # samples read and kept (before packing)
     n_files: int = 0
     ignored_files: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # list[TextSample]: every sample read, kept or not
+    lengths: list = field(default_factory=list)  # token length of every sample the template rendered, untruncated
 
 
 def tokenize_samples(samples: list[TextSample], tokenizer, template: str, max_seq_length: int,
-                     issues: list) -> list[Tokenized]:
+                     issues: list, lengths: Optional[list] = None) -> list[Tokenized]:
     """Renders and tokenizes; over-long samples are truncated to max_seq_length (with an issue naming the file and
-    line); samples that have no trained token left, or that the template rejects, are skipped."""
+    line); samples that have no trained token left, or that the template rejects, are skipped. `lengths`, when
+    given, receives the untruncated token length of every sample the template rendered."""
     renderer = Renderer(template, tokenizer)
     out = []
     for s in samples:
@@ -35,13 +38,16 @@ def tokenize_samples(samples: list[TextSample], tokenizer, template: str, max_se
             issues.append(DataIssue(s.file, s.line, f"{e}; skipped"))
             continue
         n = len(tok.input_ids)
+        if lengths is not None:
+            lengths.append(n)
         if n > max_seq_length:
             tok.input_ids, tok.labels = tok.input_ids[:max_seq_length], tok.labels[:max_seq_length]
             if tok.n_targets == 0:
                 issues.append(DataIssue(s.file, s.line, f"{n} tokens; after truncation to max_seq_length "
                                                         f"{max_seq_length} no answer token is left; skipped"))
                 continue
-            issues.append(DataIssue(s.file, s.line, f"{n} tokens, truncated to max_seq_length {max_seq_length}"))
+            issues.append(DataIssue(s.file, s.line, f"{n} tokens, truncated to max_seq_length {max_seq_length}",
+                                    skipped=False))
         if tok.n_targets == 0:
             issues.append(DataIssue(s.file, s.line, "no token to learn after tokenization; skipped"))
             continue
@@ -75,20 +81,31 @@ def pack(items: list[Tokenized], max_seq_length: int) -> list[Tokenized]:
     return packs
 
 
-def build_dataset(cfg: TrainConfig, tokenizer) -> TextDataset:
+def read_dataset(cfg: TrainConfig, tokenizer) -> TextDataset:
+    """The dataset as training sees it (read, rendered, tokenized, truncated, split, packed), also when no sample
+    is usable: `check` reports it, `build_dataset` refuses it."""
     cfg.require("train_data_dir")
     samples, issues, ignored = read_text_samples(cfg.train_data_dir)
     n_files = len({s.file for s in samples})
-    toks = tokenize_samples(samples, tokenizer, cfg.prompt_template, cfg.max_seq_length, issues)
-    if not toks:
-        why = f" ({len(issues)} problems were reported: first: {issues[0]})" if issues else ""
-        raise ConfigError(f"train_data_dir: no usable training samples in {cfg.train_data_dir}{why}; accepted "
-                          f"formats: {FORMATS_HELP}")
+    lengths: list[int] = []
+    toks = tokenize_samples(samples, tokenizer, cfg.prompt_template, cfg.max_seq_length, issues, lengths)
     train, val = split_validation(toks, cfg.validation_split, cfg.seed)
     if cfg.packing:
         train, val = pack(train, cfg.max_seq_length), pack(val, cfg.max_seq_length)
     return TextDataset(train=train, val=val, issues=issues, n_samples=len(toks), n_files=n_files,
-                       ignored_files=ignored)
+                       ignored_files=ignored, samples=samples, lengths=lengths)
+
+
+def no_samples_message(cfg: TrainConfig, issues: list) -> str:
+    why = f" ({len(issues)} problems were reported: first: {issues[0]})" if issues else ""
+    return f"train_data_dir: no usable training samples in {cfg.train_data_dir}{why}; accepted formats: {FORMATS_HELP}"
+
+
+def build_dataset(cfg: TrainConfig, tokenizer) -> TextDataset:
+    data = read_dataset(cfg, tokenizer)
+    if not data.n_samples:
+        raise ConfigError(no_samples_message(cfg, data.issues))
+    return data
 
 
 # ---- order and batches ------------------------------------------------------------------------------

@@ -39,11 +39,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def _dtype_kwarg() -> str:
-    """transformers 5 renamed from_pretrained's torch_dtype to dtype (4.56 accepts both)."""
-    import transformers
+    from ..models.loader import transformers_dtype_kwarg
 
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return transformers_dtype_kwarg()
 
 
 def _check_source(value: str, key: str) -> None:

@@ -130,6 +130,15 @@ class ChatTemplateRenderer:
             raise SampleError(f"the tokenizer's chat template rejected this conversation: {e}") from None
 
 
+def template_note(template: str, tokenizer) -> Optional[str]:
+    """A warning about a template that this tokenizer does not know as special tokens, or None."""
+    if template == "chatml" and len(tokenizer("<|im_start|>", add_special_tokens=False)["input_ids"]) != 1:
+        return ("prompt_template chatml: <|im_start|> and <|im_end|> are not special tokens of this tokenizer, "
+                "so they are learned as ordinary text; stop generation on the text <|im_end|>, or use "
+                "prompt_template: chat-template / llama2-inst for this model")
+    return None
+
+
 # ---- rendering -------------------------------------------------------------------------------------
 
 class Renderer:

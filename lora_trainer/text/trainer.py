@@ -24,7 +24,7 @@ from ..train.errors import TrainingFailed
 from .dataset import build_dataset, collate, epoch_batches, steps_per_epoch
 from ..fsutil import free_path, write_folder_atomically
 from .model import SAVE_DTYPES, add_lora, load_causal_lm, load_tokenizer, save_adapter_files, trainable_state
-from .templates import IGNORE_INDEX
+from .templates import IGNORE_INDEX, template_note
 
 MAX_ISSUE_MESSAGES = 20
 BEST_FILE = "best_lora.safetensors"
@@ -119,10 +119,9 @@ class _TextRun:
         self.pad_id = int(pad) if pad is not None else 0
         self.data = build_dataset(cfg, tok)
         self._report_data()
-        if cfg.prompt_template == "chatml" and len(tok("<|im_start|>", add_special_tokens=False)["input_ids"]) != 1:
-            self.msg("prompt_template chatml: <|im_start|> and <|im_end|> are not special tokens of this tokenizer, "
-                     "so they are learned as ordinary text; stop generation on the text <|im_end|>, or use "
-                     "prompt_template: chat-template / llama2-inst for this model")
+        note = template_note(cfg.prompt_template, tok)
+        if note:
+            self.msg(note)
 
         torch.manual_seed(cfg.seed)  # the LoRA initialisation
         model = load_causal_lm(cfg.base_model, dtype=self.model_dtype)

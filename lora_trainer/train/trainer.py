@@ -90,14 +90,16 @@ class Trainer:
             return torch.bfloat16
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
-    def _place_model(self, model: BaseModel, owns_model: bool) -> Optional[torch.dtype]:
-        """Moves the frozen modules to the device and picks the compute dtype; returns the autocast dtype.
+    def _place_model(self, model: BaseModel, owns_model: bool, autocast_dtype: Optional[torch.dtype]
+                     ) -> Optional[torch.dtype]:
+        """Moves the frozen modules to the device; returns the autocast dtype.
 
-        A model we loaded ourselves is cast to the training precision (frozen weights in fp16/bf16 under
-        mixed precision, fp32 otherwise; the VAE stays fp32, SD VAEs overflow in fp16). A host's model is
-        never cast: that would copy its weights. Half-precision host weights then run under autocast.
+        A model we loaded ourselves is in the training precision already (frozen weights in fp16/bf16 under
+        mixed precision, fp32 otherwise; the VAE fp32, SD VAEs overflow in fp16): the loader converted it tensor
+        by tensor, so the casts here change nothing on the CPU, and a move to the GPU goes parameter by
+        parameter. A host's model is never cast: that would copy its weights. Half-precision host weights then
+        run under autocast.
         """
-        autocast_dtype = self._precision()
         if owns_model:
             weights_dtype = autocast_dtype or torch.float32
             model.unet.to(self.device, dtype=weights_dtype)
@@ -113,13 +115,13 @@ class Trainer:
             return host_dtype
         return autocast_dtype
 
-    def _load_model(self) -> BaseModel:
+    def _load_model(self, weights_dtype: torch.dtype) -> BaseModel:
         from ..models.loader import load_base_model
 
         if self.model is None:
             self.cfg.require("base_model")
             self.model = load_base_model(self.cfg.base_model, self.cfg.model_family, self.cfg.v_parameterization,
-                                         self.cfg.vae, log_fn=self.log)
+                                         self.cfg.vae, log_fn=self.log, dtype=weights_dtype)
         return self.model
 
     def _vae_fingerprint(self) -> str:
@@ -219,10 +221,11 @@ class Trainer:
             self.log(f"removed {leftover.name}, left by an interrupted save")
 
         owns_model = self.model is None
-        model = self._load_model()
+        autocast_dtype = self._precision()
+        model = self._load_model(autocast_dtype or torch.float32)
         self.stop.check()
         model.freeze()
-        autocast_dtype = self._place_model(model, owns_model)
+        autocast_dtype = self._place_model(model, owns_model, autocast_dtype)
         self._vae_fp = self._vae_fingerprint()
         init_lora = None
         if cfg.init_lora_weights and not resume_from:  # read before the dataset: a bad file fails in seconds
