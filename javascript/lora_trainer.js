@@ -100,8 +100,10 @@
             return;
         }
         button.addEventListener("click", function () {
-            if (trainingLine() && confirm("A LoRA is training. Stop the training too? It saves a resumable " +
-                                          "checkpoint. (Cancel: only this generation is interrupted.)")) {
+            // The WebUI cannot drop a generation that waits in its queue: it runs when training ends.
+            if (trainingLine() && confirm("A LoRA is training, and this generation waits for it.\n\nOK: stop " +
+                                          "the training (a resumable checkpoint is saved) and generate now.\n" +
+                                          "Cancel: training goes on; the generation runs when it has ended.")) {
                 var stop = byId("lora_trainer_stop");
                 if (stop) {
                     stop.click();

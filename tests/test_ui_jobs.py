@@ -129,10 +129,13 @@ def test_one_click_resume_uses_the_runs_own_settings(setup):
     host, data, runner = setup
     ctl = TabController(host, runner)
     assert ctl.resume_run("")[2].startswith("not resumed: no stopped run")
-    job = runner.start(_cfg(data, host, max_train_steps=6, output_name="oneclick"), host, preview_after=False)
+    job = runner.start(_cfg(data, host, max_train_steps=6, output_name="oneclick", save_steps=1), host,
+                       preview_after=False)
     deadline = time.time() + 300
-    while job.step < 1 and not job.done and time.time() < deadline:
+    while not job.checkpoints and not job.done and time.time() < deadline:
         time.sleep(0.02)
+    assert job.checkpoints and not job.done
+    assert not ctl.run_choices()  # a run that is going on is not offered for resume, checkpoint or not
     runner.stop()
     _poll_to_end(runner)
     labels = ctl.run_choices()

@@ -240,7 +240,10 @@ class TabController:
             return []
 
     def run_choices(self) -> list[str]:
-        return [_run_label(r) for r in self.runs()]
+        """Stopped runs, newest first; the run going on now is not one of them."""
+        job = self.runner.job
+        busy = Path(job.run_dir).resolve() if job is not None and not job.done else None
+        return [_run_label(r) for r in self.runs() if Path(r["run_dir"]).resolve() != busy]
 
     def resume_run(self, label: str) -> tuple[Optional[dict], Optional[str], str]:
         """Resumes the chosen run with its own saved config: (form values, dataset folder, message)."""
@@ -341,6 +344,8 @@ class TabController:
             image = self.host.preview(prompt or "", name, float(weight), int(seed), int(steps), _size(size))
         except (UIError, HostError) as e:
             return None, str(e)
+        except Exception as e:  # the host's own failure (NaNs, interrupted...): a message, not a traceback
+            return None, f"the preview failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             if staged is not None:
                 self.host.unstage_lora(staged)
@@ -357,6 +362,8 @@ class TabController:
                       for w in SWEEP_WEIGHTS]
         except (UIError, HostError) as e:
             return [], str(e)
+        except Exception as e:
+            return [], f"the preview failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             if staged is not None:
                 self.host.unstage_lora(staged)

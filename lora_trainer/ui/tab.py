@@ -317,12 +317,17 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
                            [gr.update() for _ in keys] + [gr.update(), gr.update()], [yaml_upload],
                            form_inputs + [dataset_dir, param_msg])
 
-        run_outputs = [status_box, log_box, loss_img, ckpt_pick, lora_pick, run_msg]
+        run_outputs = [status_box, log_box, loss_img, ckpt_pick, lora_pick, run_msg, runs_pick]
 
-        def view_updates(view):
+        def runs_update():
+            choices = ctl.run_choices()
+            return gr.update(choices=choices, value=choices[0] if choices else None)
+
+        def view_updates(view, runs: bool = False):
+            # the resumable runs change when a run ends (or on a page load), not on every poll
             return [view["status"], view["log"], view["loss"], gr.update(choices=view["checkpoints"]),
                     gr.update(choices=ctl.lora_choices(), value=view["lora"]) if view["lora"] else gr.update(),
-                    view["run"]]
+                    view["run"], runs_update() if runs or view["done"] else gr.update()]
 
         def watch():
             while True:
@@ -334,10 +339,6 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
 
         start_btn.click(lambda folder, *args: ctl.start(values_of(args), folder), [dataset_dir] + form_inputs,
                         [run_msg]).then(watch, None, run_outputs)
-
-        def runs_update():
-            choices = ctl.run_choices()
-            return gr.update(choices=choices, value=choices[0] if choices else None)
 
         def do_resume(label):
             values, folder, msg = ctl.resume_run(label)
@@ -352,8 +353,8 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             state = ctl.restore()
             values = state["values"]
             form = [gr.update(value=values[k]) if values and k in values else gr.update() for k in keys]
-            return form + [gr.update(value=state["folder"]) if state["folder"] else gr.update(), runs_update()] + \
-                view_updates(state["view"]) + [str(time.time())]
+            return form + [gr.update(value=state["folder"]) if state["folder"] else gr.update()] + \
+                view_updates(state["view"], runs=True) + [str(time.time())]
 
         def poll():  # javascript/lora_trainer.js: keeps Progress current for runs started elsewhere (API, tab)
             view = ctl.run_view()
@@ -361,7 +362,7 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
 
         poll_btn.click(poll, None, [status_box, run_msg, log_box])
 
-        restore_outputs = form_inputs + [dataset_dir, runs_pick] + run_outputs + [restored_mark]
+        restore_outputs = form_inputs + [dataset_dir] + run_outputs + [restored_mark]
         restore_btn.click(restore, None, restore_outputs).then(watch, None, run_outputs)
         if restore_on_load:
             tab.load(restore, None, restore_outputs).then(watch, None, run_outputs)
