@@ -314,8 +314,8 @@ class Trainer:
             self.log(f"resumed from {resume_from} at step {global_step} (epoch {start_epoch + 1}, "
                      f"batch {start_micro})")
 
-        tb_run = (resumed_progress or {}).get("tb_run") or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         tb_root = Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs"
+        tb_run = (resumed_progress or {}).get("tb_run") or _new_run_name(tb_root, cfg.name)
         tb = ScalarLog(tb_root / tb_run) if cfg.log_with == "tensorboard" else ScalarLog(None)
         if tb.unavailable:
             self.log(tb.unavailable)
@@ -592,6 +592,15 @@ class Trainer:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
+
+
+def _new_run_name(root: Path, name: str) -> str:
+    """<name>-<time>, unique under root (two runs may start within one second)."""
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base, 2
+    while (root / candidate).exists():
+        candidate, n = f"{base}-{n}", n + 1
+    return candidate
 
 
 def _failure_message(e: BaseException) -> str:
