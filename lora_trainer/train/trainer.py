@@ -17,12 +17,14 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, TrainConfig
-from ..fsutil import WriteError, describe_write_error, remove_leftovers
+from ..fsutil import remove_leftovers
 from ..models.base import BaseModel, encode_prompts, sdxl_time_ids
-from ..network.kohya_file import new_session_id, read_lora, save_lora, training_metadata, write_sidecar_json
-from ..network.lora import LoraNetwork, file_family
+from ..network.kohya_file import new_session_id, save_lora, training_metadata, write_sidecar_json
+from ..network.lora import LoraNetwork
 from . import state as ckpt
 from .control import StopFlag, StopRequested
+from .run_guards import (disk_space_for_run, failure_message, new_run_name, read_init_lora,
+                         set_aside_earlier_run, write_message)
 from .errors import TrainingFailed
 from .events import EventBus, StepTimer
 from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
@@ -193,10 +195,10 @@ class Trainer:
                 msg = f"{self.device}: {OOM_ADVICE}"
                 self.events.emit("failed", message=msg)
                 raise TrainingFailed(msg) from None
-            self.events.emit("failed", message=_failure_message(e))
+            self.events.emit("failed", message=failure_message(e))
             raise
         except Exception as e:
-            self.events.emit("failed", message=_failure_message(e))
+            self.events.emit("failed", message=failure_message(e))
             raise
         finally:
             if self.network is not None and getattr(self, "_remove_network", False):
@@ -216,7 +218,7 @@ class Trainer:
         if resume_from:
             ckpt.check_resume_compatible(resume_from, cfg)
         else:
-            self._set_aside_earlier_run()
+            set_aside_earlier_run(cfg, self.output_dir, self._earlier_run == "archive", self.log)
         for leftover in remove_leftovers(self.output_dir):
             self.log(f"removed {leftover.name}, left by an interrupted save")
 
@@ -229,7 +231,7 @@ class Trainer:
         self._vae_fp = self._vae_fingerprint()
         init_lora = None
         if cfg.init_lora_weights and not resume_from:  # read before the dataset: a bad file fails in seconds
-            init_lora = self._read_init_lora(model)
+            init_lora = read_init_lora(cfg.init_lora_weights, model.family)
 
         network = LoraNetwork(model, cfg)
         self.network = network
@@ -290,7 +292,8 @@ class Trainer:
             scaler = torch.amp.GradScaler("cuda")
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
 
-        space = self._disk_space_note(network, total_steps, epochs)
+        space = disk_space_for_run(cfg, self.output_dir, sum(p.numel() for p in network.parameters()),
+                                   total_steps, epochs)
         if space:
             self.log("warning: " + space)
 
@@ -315,7 +318,7 @@ class Trainer:
                      f"batch {start_micro})")
 
         tb_root = Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs"
-        tb_run = (resumed_progress or {}).get("tb_run") or _new_run_name(tb_root, cfg.name)
+        tb_run = (resumed_progress or {}).get("tb_run") or new_run_name(tb_root, cfg.name)
         tb = ScalarLog(tb_root / tb_run) if cfg.log_with == "tensorboard" else ScalarLog(None)
         if tb.unavailable:
             self.log(tb.unavailable)
@@ -357,7 +360,7 @@ class Trainer:
                                                "tb_run": tb_run})
             except OSError as e:
                 where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                raise TrainingFailed(f"{_write_message(folder, e)}{where}. Free some space and resume") from None
+                raise TrainingFailed(f"{write_message(folder, e)}{where}. Free some space and resume") from None
             saved_at["step"] = global_step
             removed = ckpt.prune_checkpoints(self.output_dir, cfg.save_last_n_checkpoints)
             self.events.emit("checkpoint_saved", step=global_step, total_steps=total_steps, epoch=epoch,
@@ -377,7 +380,7 @@ class Trainer:
                 self.log("sample rendering skipped: stop requested")
                 return
             except OSError as e:  # a sample is a nicety: a full disk here must not end the run
-                self.log(f"sample not saved: {_write_message(self.output_dir / 'samples', e)}")
+                self.log(f"sample not saved: {write_message(self.output_dir / 'samples', e)}")
                 return
             for p in paths:
                 self.events.emit("sample", step=global_step, total_steps=total_steps, path=str(p))
@@ -468,65 +471,16 @@ class Trainer:
         try:
             write_sidecar_json(final, trigger, 1.0, {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[model.family])
         except OSError as e:  # the card's text only; the LoRA itself is saved
-            self.log(f"the LoRA card file was not written: {_write_message(final.with_suffix('.json'), e)}")
+            self.log(f"the LoRA card file was not written: {write_message(final.with_suffix('.json'), e)}")
         samples(f"{final.stem}_final")
         self.events.emit("finished", step=global_step, total_steps=total_steps, path=str(final),
                          message=f"LoRA saved: {final}", data={"name": final.stem})
         return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
 
-    def _set_aside_earlier_run(self) -> None:
-        """A new run never writes into an earlier run's checkpoints (same numbers, mixed states)."""
-        earlier = ckpt.find_latest_checkpoint(self.output_dir)
-        if earlier is None:
-            return
-        if self.cfg.overwrite or self._earlier_run == "archive":
-            moved = ckpt.archive_checkpoints(self.output_dir, self.cfg.name)
-            self.log(f"{self.output_dir} held an earlier run's checkpoints; moved them to {moved}")
-            return
-        raise ConfigError(f"output_dir: {self.output_dir} holds checkpoints of an earlier run (the latest is "
-                          f"{earlier.name}). Continue it with resume_from_checkpoint: latest, start over with "
-                          f"overwrite: true (its checkpoints are moved to a previous-* folder, not deleted), or "
-                          f"choose another output_dir")
-
-    def _read_init_lora(self, model: BaseModel) -> dict:
-        cfg = self.cfg
-        path = Path(cfg.init_lora_weights).expanduser()
-        if path.is_dir():
-            raise ConfigError(f"init_lora_weights: {path} is a folder; point it at a LoRA .safetensors file")
-        try:
-            sd, meta = read_lora(path)
-        except FileNotFoundError:
-            raise ConfigError(f"init_lora_weights: {path} does not exist") from None
-        except Exception as e:
-            raise ConfigError(f"init_lora_weights: {path} is not a readable LoRA .safetensors file "
-                              f"({type(e).__name__}); choose another file") from None
-        fam = file_family(meta, {k.split(".")[0] for k in sd})
-        if fam and fam != model.family:
-            raise ConfigError(f"init_lora_weights: {path} was trained on {fam.upper()} but the base model is "
-                              f"{model.family.upper()}")
-        return sd
-
-    def _disk_space_note(self, network, total_steps: int, epochs: int) -> Optional[str]:
-        from .preflight import disk_space_note
-
-        cfg = self.cfg
-        saves = 0
-        if cfg.save_steps:
-            saves += max(0, (total_steps - 1) // cfg.save_steps)
-        if cfg.save_every_n_epochs:
-            saves += max(0, (epochs - 1) // cfg.save_every_n_epochs)
-        if cfg.save_last_n_checkpoints:
-            saves = min(saves, cfg.save_last_n_checkpoints + 1)  # the newest is written before the oldest goes
-        saves = max(saves, 1)  # Stop always writes one
-        n = sum(p.numel() for p in network.parameters())
-        slots = {"adamw": 2, "adamw8bit": 1, "prodigy": 4, "lion": 1, "adafactor": 1}.get(cfg.optimizer, 2)
-        return disk_space_note(self.output_dir, n, saves, optimizer_slots=slots,
-                               save_bytes_per_param=4 if cfg.save_precision == "fp32" else 2)
-
     def _final_save_failed(self, error: OSError, save_checkpoint, epoch: int, last_checkpoint) -> str:
         """The final LoRA could not be written: keep the trained weights as a resumable checkpoint if the disk
         allows it (resuming it only writes the LoRA), and say where things stand."""
-        msg = _write_message(self.output_dir / f"{self.cfg.name}.safetensors", error)
+        msg = write_message(self.output_dir / f"{self.cfg.name}.safetensors", error)
         try:
             folder = save_checkpoint(epoch, 0)
         except TrainingFailed:
@@ -592,26 +546,6 @@ class Trainer:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
-
-
-def _new_run_name(root: Path, name: str) -> str:
-    """<name>-<time>, unique under root (two runs may start within one second)."""
-    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    candidate, n = base, 2
-    while (root / candidate).exists():
-        candidate, n = f"{base}-{n}", n + 1
-    return candidate
-
-
-def _failure_message(e: BaseException) -> str:
-    """Our own errors already read as a sentence; a library's needs its type to make sense."""
-    if type(e).__name__ in ("ModelLoadError", "ArchitectureMismatch", "DatasetError", "ImageLoadError"):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
-
-
-def _write_message(path: Path, error: OSError) -> str:
-    return str(error) if isinstance(error, WriteError) else describe_write_error(path, error)
 
 
 def _center_crop_geometry(item) -> dict:

@@ -12,7 +12,7 @@ Datasets are read where the request says (that is what training needs), and no m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 from ..config import ConfigError, TrainConfig, field_meta
 
@@ -76,10 +76,4 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def roots_description(roots: dict) -> str:
-    models = roots.get("models") or []
-    return (f"writes: {roots['work']} (runs) and {roots['lora']} (installed LoRAs); base models: "
-            f"{', '.join(map(str, models)) or 'the loaded checkpoint only'}")
-
-
-__all__ = ["RequestRefused", "confine", "roots_description", "Optional"]
+__all__ = ["RequestRefused", "confine"]
