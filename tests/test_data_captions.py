@@ -56,6 +56,13 @@ def test_tag_dropout_never_drops_kept_tags_or_the_prefix():
     assert draw(CaptionOptions(keep_tokens=2, tag_dropout=1.0), 0) == "mychar, 1girl"
 
 
+def test_a_caption_that_starts_with_the_trigger_word_does_not_get_it_twice():
+    assert draw(CaptionOptions(prefix="sks, my dog"), 0, "sks, my dog, grass") == "sks, my dog, grass"
+    assert draw(CaptionOptions(prefix="sks"), 0, "sksx, grass") == "sks, sksx, grass"  # whole tags only
+    opts = CaptionOptions(prefix="sks", keep_tokens=1, shuffle=True)  # keep_tokens counts the caption's own tags
+    assert all(split_tags(draw(opts, s, "sks, " + TAGS))[:2] == ["sks", "mychar"] for s in range(10))
+
+
 def test_caption_dropout_empties_everything():
     assert draw(CaptionOptions(prefix="sks", caption_dropout=1.0), 3) == ""
     results = [draw(CaptionOptions(caption_dropout=0.5), s) for s in range(60)]

@@ -174,11 +174,17 @@ def webui(monkeypatch, tmp_path):
 
         ns.previews.append({"kw": p.kw, "lock_held": ns.lock.held, "job": ns.state.job})
         ns.state.job_count, ns.state.textinfo = 1, "sampling"
-        return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (1, 2, 3))])
+        info = (f"{p.kw['prompt']}\nSteps: {p.kw['steps']}, Sampler: {p.kw['sampler_name']}, CFG scale: "
+                f"{p.kw['cfg_scale']}, Seed: {p.kw['seed']}, Size: {p.kw['width']}x{p.kw['height']}")
+        return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (1, 2, 3))],
+                               infotexts=[info])
 
     ns.processing = mod("modules.processing", StableDiffusionProcessing=StableDiffusionProcessing,
                         StableDiffusionProcessingTxt2Img=StableDiffusionProcessingTxt2Img,
                         process_images=process_images)
+    ns.bindings = []
+    mod("modules.infotext_utils", create_buttons=lambda tabs: {t: f"button:{t}" for t in tabs},
+        ParamBinding=lambda **kw: SimpleNamespace(**kw), register_paste_params_button=ns.bindings.append)
     mod("networks", load_networks=lambda names: ns.calls.append(("load_networks", list(names), ns.lock.held)),
         list_available_networks=lambda: ns.calls.append("list_available_networks"))
 
@@ -410,6 +416,12 @@ def test_preview_uses_the_webui_pipeline_and_restores_its_state(webui, tmp_path)
     assert kw["do_not_save_samples"] and kw["do_not_save_grid"] and kw["sampler_name"] == "Euler"
     assert (webui.state.job, webui.state.textinfo, webui.state.job_count) == ("txt2img", "earlier", 7)
     assert not webui.lock.held
+    # the WebUI's own generation parameters travel with the image; its Send buttons paste them into txt2img
+    assert image.info["parameters"].endswith("Steps: 6, Sampler: Euler, CFG scale: 7.0, Seed: 5, Size: 64x48")
+    assert host.send_buttons("preview-image", "preview-params")
+    assert [(b.paste_button, b.tabname, b.source_text_component, b.source_image_component) for b in webui.bindings] \
+        == [("button:txt2img", "txt2img", "preview-params", "preview-image"),
+            ("button:img2img", "img2img", "preview-params", "preview-image")]
     # busy WebUI: wait, then a clear refusal
     webui.lock.acquire()
     orig = a1111_mod.LOCK_WAIT_S

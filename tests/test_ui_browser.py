@@ -129,15 +129,17 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     wait_for(page, "lora_trainer_dataset_msg", lambda v: "4 image(s), 2 with a caption" in v, "loading the dataset")
     assert page.locator("#lora_trainer_gallery img").count() >= 4
 
-    # -- autotag the two uncaptioned images with a trigger word --
+    # -- autotag the two uncaptioned images; the one trigger-word field is Parameters' --
     set_text(page, "lora_trainer_tagger_model", f"hf:{clip}")
     set_number(page, "lora_trainer_threshold", 0)
-    set_text(page, "lora_trainer_trigger", "zzbrowser")
+    set_text(page, "lora_trainer_cfg_caption_prefix", "zzbrowser")
+    assert page.locator("#lora_trainer_trigger").count() == 0
     page.click("#lora_trainer_autotag")
     msg = wait_for(page, "lora_trainer_caption_msg", lambda v: v.startswith("autotag") or "cannot" in v, "autotag")
-    assert "2 written, 2 kept" in msg, msg
+    assert "2 written, 2 kept" in msg and "'zzbrowser' (Parameters) is put first" in msg, msg
     for name in ("img_01.txt", "img_03.txt"):
-        assert (data / name).read_text().startswith("zzbrowser, ")
+        text = (data / name).read_text()
+        assert text.strip() and "zzbrowser" not in text, text
     assert (data / "img_00.txt").read_text().strip() == "red square, simple background, sample 0"  # kept
 
     # -- edit one caption --

@@ -170,15 +170,15 @@ def test_controller_dataset_captions_and_preview_guards(tiny_files, tmp_path):
     assert "3 training image(s)" in report and "OK: the dataset is usable" in report
     folder, msg = ctl.import_uploads([str(data / "img_00.png")], "my set")
     assert Path(folder) == host.work_dir() / "datasets" / "my_set" and "copied 1 image" in msg
-    image, msg = ctl.generate("x", "", INSTALLED, 1.0, 1, 2, "64")
-    assert image is None and "choose a LoRA" in msg
-    image, msg = ctl.generate("x", "nope", INSTALLED, 1.0, 1, 2, "64")
+    image, msg, params = ctl.generate("x", "", INSTALLED, 1.0, 1, 2, "64")
+    assert image is None and "choose a LoRA" in msg and params == ""
+    image, msg, _ = ctl.generate("x", "nope", INSTALLED, 1.0, 1, 2, "64")
     assert image is None and "no LoRA named" in msg
-    image, msg = ctl.generate("x", "nope", INSTALLED, 1.0, 1, 2, "big")
+    image, msg, _ = ctl.generate("x", "nope", INSTALLED, 1.0, 1, 2, "big")
     assert image is None and "size" in msg
     assert ctl.checkpoint_choices() == [INSTALLED]
     assert "nothing is running" in ctl.stop()
-    assert "not started" in ctl.start(config_to_form(base_config()), "")
+    assert "not started" in ctl.start(config_to_form(base_config()), "")[0]
 
 
 def test_autotag_through_the_controller_with_a_tiny_clip(tiny_files, tmp_path):

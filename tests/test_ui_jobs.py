@@ -35,7 +35,8 @@ def _poll_to_end(runner, timeout=300):
     while time.time() < deadline:
         events, index = runner.events_since(index)
         seen += events
-        if runner.status()["state"] in TERMINAL:
+        st = runner.status()
+        if st["state"] in TERMINAL and not st.get("phase"):  # (the card's preview follows "finished")
             events, index = runner.events_since(index)
             return seen + events
         time.sleep(0.1)
@@ -77,11 +78,17 @@ def test_job_runs_to_the_end_installs_the_file_and_previews_prove_it(setup):
     assert np.array_equal(base, w0)
     assert np.abs(base.astype(int) - w1.astype(int)).mean() > 0.5
     # a checkpoint's preview goes through a staged copy that is gone afterwards: no stray cards in the host
-    from lora_trainer.ui.controller import TabController
+    from lora_trainer.ui.controller import INSTALLED, TabController
 
     ctl = TabController(host, runner)
-    image, msg = ctl.generate("zzstyle, red square", "style", "step 2", 1.0, 11, 3, "64")
+    image, msg, params = ctl.generate("zzstyle, red square", "style", "step 2", 1.0, 11, 3, "64")
     assert image is not None and "style-step000002-" in msg, msg
+    # the preview says how it was made, in the WebUIs' PNG-info form (what their Send to txt2img reads)
+    assert "Steps: 3, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 64x64" in msg
+    assert params.startswith("zzstyle, red square, <lora:style-step000002-") and params == image.info["parameters"]
+    image, msg, params = ctl.generate("zzstyle, red square", "style", INSTALLED, 0.5, 12, 3, "64")
+    assert params.splitlines()[0] == "zzstyle, red square, <lora:style:0.5>" and "Seed: 12" in params
+    assert "removed after use" not in msg
     assert not (host.lora_dir() / "lora-trainer-previews").exists()
     assert all("step" not in name for name in host.list_loras())
     # a second run of the same name never replaces the first
@@ -189,3 +196,30 @@ def test_training_a_name_again_after_deleting_its_lora_installs_the_plain_name(s
     events = _poll_to_end(runner)
     assert Path(runner.status()["lora_path"]).name == "style_2.safetensors"
     assert any("already exists" in e["message"] for e in events)
+
+
+def test_the_end_of_a_run_says_what_it_does_and_finished_comes_once_the_lora_is_installed(setup, monkeypatch):
+    from lora_trainer.ui.controller import format_status
+
+    host, data, runner = setup
+    phases, at_card = [], {}
+    real_preview = host.preview
+
+    def card_preview(*args, **kwargs):
+        at_card.update(runner.status())
+        return real_preview(*args, **kwargs)
+
+    monkeypatch.setattr(host, "preview", card_preview)
+    job = runner.start(_cfg(data, host, output_name="phases", sample_prompts=["a red square", "a blue square"],
+                            sample_every_n_steps=0), host)
+    job.events.subscribe(lambda e: phases.append(e.data.get("phase")) if e.data and "phase" in e.data else None)
+    _poll_to_end(runner)
+    assert [p for p in phases if p.startswith("rendering sample")] == ["rendering sample 1/2", "rendering sample 2/2"]
+    assert "saving the LoRA" in phases
+    # while the card's picture renders, the LoRA is installed and the run already says finished
+    assert at_card["state"] == "finished" and Path(at_card["lora_path"]).is_file()
+    assert at_card["phase"] == "rendering the LoRA card's preview"
+    assert format_status(at_card).startswith("finished: phases") and "rendering the LoRA card's preview" in \
+        format_status(at_card)
+    st = runner.status()
+    assert st["phase"] == "" and Path(st["preview_path"]).is_file()

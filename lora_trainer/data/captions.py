@@ -47,6 +47,16 @@ class CaptionOptions:
         return self.shuffle or self.tag_dropout > 0 or self.caption_dropout > 0
 
 
+def _without_leading(caption: str, prefix: str) -> str:
+    """A caption that starts with the trigger word already (written by an autotag or by hand) does not get it
+    twice, and keep_tokens keeps counting the caption's own tags."""
+    lead = split_tags(prefix)
+    tags = split_tags(caption)
+    if lead and tags[:len(lead)] == lead:
+        return join_parts(tags[len(lead):])
+    return caption
+
+
 def process_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
     """One draw of a caption.
 
@@ -55,10 +65,10 @@ def process_caption(caption: str, options: CaptionOptions, rng: random.Random) -
     """
     if options.caption_dropout > 0 and rng.random() < options.caption_dropout:
         return ""
-    body = caption
+    body = _without_leading(caption, options.prefix)
     if options.shuffle or options.tag_dropout > 0:
         # Only split into tags when they are rearranged, so prose like "1,000 birds" stays intact otherwise.
-        tags = split_tags(caption)
+        tags = split_tags(body)
         kept, rest = tags[:options.keep_tokens], tags[options.keep_tokens:]
         if options.tag_dropout > 0:
             rest = [t for t in rest if rng.random() >= options.tag_dropout]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from ..config import TrainConfig
-from .base import CheckpointInfo, Host, HostBusy, HostError, LoadedCheckpoint
+from .base import CheckpointInfo, Host, HostBusy, HostError, LoadedCheckpoint, lora_prompt
 
 LOCK_WAIT_S = 60.0   # how long a preview / interrogation waits for the WebUI's current generation
 STATE_FIELDS = ("job", "job_no", "job_count", "textinfo", "sampling_step", "sampling_steps", "interrupted",
@@ -108,11 +108,6 @@ def _restore_bias(module, backup) -> None:
         module.bias.copy_(backup)
     elif getattr(module, "bias", None) is not None:
         module.bias = None  # the module had no bias until a LoRA with one was merged
-
-
-def lora_prompt(prompt: str, name: str, weight: float) -> str:
-    tag = f"<lora:{name}:{float(weight):g}>"
-    return f"{prompt}, {tag}" if prompt.strip() else tag
 
 
 class _QueueLock:
@@ -423,7 +418,22 @@ class A1111Host(Host):
                     setattr(shared.state, k, v)
         if not processed.images:
             raise HostError("the WebUI returned no image (interrupted?)")
-        return processed.images[0]
+        image = processed.images[0]
+        texts = getattr(processed, "infotexts", None) or []
+        if texts and not image.info.get("parameters"):
+            image.info["parameters"] = texts[0]  # sampler, steps, CFG, seed, size as the WebUI writes them
+        return image
+
+    def send_buttons(self, image, text) -> bool:
+        try:
+            paste = self._m("infotext_utils")
+        except ImportError:  # WebUIs before 1.8 named it so
+            paste = self._m("generation_parameters_copypaste")
+        buttons = paste.create_buttons(["txt2img", "img2img"])
+        for tabname, button in buttons.items():
+            paste.register_paste_params_button(paste.ParamBinding(
+                paste_button=button, tabname=tabname, source_text_component=text, source_image_component=image))
+        return True
 
     def interrogators(self) -> dict[str, Callable]:
         found: dict[str, Callable] = {}

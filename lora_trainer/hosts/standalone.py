@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from ..config import ConfigError, from_dict
-from .base import CheckpointInfo, Host, HostBusy, HostError
+from .base import CheckpointInfo, Host, HostBusy, HostError, infotext, lora_prompt
 
 
 class StandaloneHost(Host):
@@ -181,7 +181,7 @@ class StandaloneHost(Host):
     # ---- previews --------------------------------------------------------------------------------
     def preview(self, prompt: str, lora_name: Optional[str], weight: float, seed: int, steps: int,
                 size: Union[int, tuple[int, int]], negative_prompt: str = "", cfg_scale: float = 7.0):
-        from ..train.sampling import render
+        from ..train.sampling import SAMPLER, render
 
         width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         if not self._gpu.acquire(blocking=False):
@@ -196,15 +196,21 @@ class StandaloneHost(Host):
                 network = apply_lora_file(model, path)
             try:
                 if network is None:
-                    return render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
-                                  width=width, height=height, negative_prompt=negative_prompt)
-                with network.multiplier(float(weight)):
-                    return render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
-                                  width=width, height=height, negative_prompt=negative_prompt,
-                                  clip_skip=network.clip_skip)
+                    image = render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
+                                   width=width, height=height, negative_prompt=negative_prompt)
+                else:
+                    with network.multiplier(float(weight)):
+                        image = render(model, prompt, seed=int(seed), steps=int(steps), cfg_scale=float(cfg_scale),
+                                       width=width, height=height, negative_prompt=negative_prompt,
+                                       clip_skip=network.clip_skip)
             finally:
                 if network is not None:
                     network.remove()
+            shown = lora_prompt(prompt, lora_name, weight) if lora_name else prompt
+            image.info["parameters"] = infotext(shown, negative_prompt, steps=steps, sampler=SAMPLER,
+                                                cfg_scale=cfg_scale, seed=seed, width=width, height=height,
+                                                model=model.name)
+            return image
         finally:
             self._gpu.release()
 

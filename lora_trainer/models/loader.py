@@ -224,6 +224,7 @@ class ArchitectureMismatch(ModelLoadError):
 
 
 def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
+    shapes_only = all(t.is_meta for t in sd.values())  # a shapes-only build (models.meta) stays on meta
     try:
         missing, unexpected = module.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:  # torch lists every mismatched tensor: one line instead of a thousand
@@ -242,7 +243,7 @@ def _assign(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> 
                              f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
-    if leftover:
+    if leftover and not shapes_only:
         raise ModelLoadError(f"{what}: parameters left without weights: {leftover[:5]}")
     return module
 

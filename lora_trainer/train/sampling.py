@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,6 +24,9 @@ def load_prompts(value) -> list[str]:
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.strip().startswith("#")]
     return [str(value)]
+
+
+SAMPLER = "Euler"  # EulerDiscreteScheduler, what the WebUIs call Euler
 
 
 def _pipeline(model: BaseModel):
@@ -76,10 +79,14 @@ def render(model: BaseModel, prompt: str, *, seed: int, steps: int, cfg_scale: f
 
 
 def save_samples(model: BaseModel, prompts: list[str], folder: Path, tag: str, *, seed: int, steps: int,
-                 cfg_scale: float, width: int, height: int, clip_skip: int = 1, stop=None) -> list[Path]:
+                 cfg_scale: float, width: int, height: int, clip_skip: int = 1, stop=None,
+                 on_image: Optional[Callable[[int, int], None]] = None) -> list[Path]:
+    """on_image(i, n) is called before image i (1-based) of n is rendered."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, prompt in enumerate(prompts):
+        if on_image is not None:
+            on_image(i + 1, len(prompts))
         image = render(model, prompt, seed=seed + i, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
                        clip_skip=clip_skip, stop=stop)
         path = folder / f"{tag}_{i:02d}.png"

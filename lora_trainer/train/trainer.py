@@ -23,6 +23,7 @@ from ..network.kohya_file import new_session_id, save_lora, training_metadata, w
 from ..network.lora import LoraNetwork
 from . import state as ckpt
 from .control import StopFlag, StopRequested
+from .memory_plan import memory_note, vae_chunk
 from .run_guards import (disk_space_for_run, failure_message, new_run_name, read_init_lora,
                          set_aside_earlier_run, write_message)
 from .errors import TrainingFailed
@@ -83,6 +84,10 @@ class Trainer:
         self._log(msg)
 
     # --- set-up -------------------------------------------------------------------------------------
+    def phase(self, what: str, step: int = 0, total_steps: int = 0) -> None:
+        """What the run is doing between steps (rendering samples, saving): shown beside the progress, not logged."""
+        self.events.emit("message", step=step, total_steps=total_steps, data={"phase": what})
+
     def _precision(self) -> Optional[torch.dtype]:
         mp = self.cfg.mixed_precision
         if mp == "no":
@@ -151,8 +156,8 @@ class Trainer:
         by_bucket: dict[tuple, list[int]] = {}
         for i in todo:
             by_bucket.setdefault(tuple(ds.items[i].bucket), []).append(i)
-        chunk = max(1, self.cfg.batch_size) * 4
-        for indices in by_bucket.values():
+        for bucket, indices in by_bucket.items():
+            chunk = vae_chunk(self.cfg.batch_size, bucket[0] * bucket[1])
             for start in range(0, len(indices), chunk):
                 loaded, pixels = [], []
                 for i in indices[start:start + chunk]:
@@ -229,6 +234,9 @@ class Trainer:
         model.freeze()
         autocast_dtype = self._place_model(model, owns_model, autocast_dtype)
         self._vae_fp = self._vae_fingerprint()
+        note = memory_note(model, cfg, self.device)
+        if note:
+            self.log(note)
         init_lora = None
         if cfg.init_lora_weights and not resume_from:  # read before the dataset: a bad file fails in seconds
             init_lora = read_init_lora(cfg.init_lora_weights, model.family)
@@ -375,7 +383,9 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     paths = save_samples(model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
                                          steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
-                                         clip_skip=cfg.clip_skip, stop=self.stop)
+                                         clip_skip=cfg.clip_skip, stop=self.stop,
+                                         on_image=lambda i, n: self.phase(f"rendering sample {i}/{n}", global_step,
+                                                                          total_steps))
             except StopRequested:
                 self.log("sample rendering skipped: stop requested")
                 return
@@ -460,6 +470,7 @@ class Trainer:
                                      f"continues from {last_checkpoint}")
             return TrainResult("stopped", None, last_checkpoint, global_step, total_steps, losses)
 
+        self.phase("saving the LoRA", global_step, total_steps)
         try:
             final = save_lora(self.output_dir / f"{cfg.name}.safetensors", network.state_dict(torch.float32),
                               metadata(epoch, global_step), cfg.save_precision, overwrite=cfg.overwrite)

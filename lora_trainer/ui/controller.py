@@ -29,6 +29,8 @@ class UIError(ValueError):
 
 
 class TabController:
+    _memory_warned: Optional[str] = None  # the settings whose "will not fit" was shown once
+
     def __init__(self, host, runner: JobRunner):
         self.host = host
         self.runner = runner
@@ -222,15 +224,47 @@ class TabController:
             note = " (note: task_type text-generation is trained with the CLI, not this tab)"
         return config_to_form(cfg), cfg.train_data_dir, f"loaded {where}{note}"
 
+    # ---- memory ------------------------------------------------------------------------------------------
+    def memory_plan(self, cfg: TrainConfig):
+        """The run's estimated peak memory on this host's device (the loaded checkpoint counts as resident)."""
+        from ..train.memory_plan import plan_memory
+
+        cfg, _notes = self.host.prepare_config(cfg)
+        return plan_memory(self.host.loaded_checkpoint(), cfg, self.host.device(), resident=True)
+
+    def memory(self, values: dict, folder: str) -> str:
+        try:
+            return self.memory_plan(self.config(values, folder)).describe()
+        except (ConfigError, HostError) as e:
+            return f"no estimate: {e}"
+        except Exception as e:  # the estimate is advice: it never keeps anyone from training
+            return f"no estimate ({type(e).__name__}: {_short(str(e))})"
+
     # ---- run ---------------------------------------------------------------------------------------------
-    def start(self, values: dict, folder: str, resume: bool = False) -> str:
+    def start(self, values: dict, folder: str, resume: bool = False) -> tuple[str, str]:
+        """(run message, memory message). A run whose estimate does not fit is started only when Start is pressed
+        a second time with the same settings: the estimate may be wrong, the person decides."""
+        memory = ""
         try:
             cfg = self.config(values, folder)
+            if not resume and not cfg.resume_from_checkpoint:
+                try:
+                    plan = self.memory_plan(cfg)
+                    memory = plan.describe()
+                    if plan.fits is False and self._memory_warned != cfg.to_yaml():
+                        self._memory_warned = cfg.to_yaml()
+                        return ("not started: the estimate says this run will not fit in memory (see Memory). Change "
+                                "the settings, or press Start again to train anyway."), memory
+                except (ConfigError, HostError):
+                    raise
+                except Exception as e:
+                    memory = f"no estimate ({type(e).__name__}: {_short(str(e))})"
+            self._memory_warned = None
             job = self.runner.start(cfg, self.host, resume=resume)
         except (ConfigError, JobError, HostError) as e:
-            return f"not started: {e}"
+            return f"not started: {e}", memory
         what = "resuming" if resume or job.cfg.resume_from_checkpoint else "started"
-        return f"{what} {job.name} (run folder {job.run_dir})"
+        return f"{what} {job.name} (run folder {job.run_dir})", memory
 
     # ---- runs that can be resumed, and what a reloaded page shows ------------------------------------------
     def runs(self) -> list[dict]:
@@ -300,7 +334,7 @@ class TabController:
         return {"status": format_status(st), "state": st["state"], "run": run_line(st),
                 "log": "\n".join(lines[-300:]), "loss": image,
                 "checkpoints": self.checkpoint_choices(st), "lora": Path(st["lora_path"]).stem
-                if st.get("lora_path") else None, "done": st["state"] in TERMINAL or st["state"] == "idle"}
+                if st.get("lora_path") else None, "done": (st["state"] in TERMINAL and not st.get("phase")) or st["state"] == "idle"}
 
     def checkpoint_choices(self, st: Optional[dict] = None) -> list[str]:
         st = st or self.runner.status()
@@ -335,21 +369,25 @@ class TabController:
         return lora_name, None
 
     def generate(self, prompt: str, lora_name: str, checkpoint: str, weight: float, seed, steps, size):
-        """(PIL image or None, message)."""
+        """(PIL image or None, message, generation parameters for the host's Send buttons)."""
         if self.runner.running:
-            return None, "a training run is using the GPU; preview when it has finished (or stop it)"
+            return None, "a training run is using the GPU; preview when it has finished (or stop it)", ""
         staged = None
         try:
             name, staged = self._lora_for(lora_name, checkpoint)
             image = self.host.preview(prompt or "", name, float(weight), int(seed), int(steps), _size(size))
         except (UIError, HostError) as e:
-            return None, str(e)
+            return None, str(e), ""
         except Exception as e:  # the host's own failure (NaNs, interrupted...): a message, not a traceback
-            return None, f"the preview failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return None, f"the preview failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", ""
         finally:
             if staged is not None:
                 self.host.unstage_lora(staged)
-        return image, f"<lora:{name}:{float(weight):g}> seed {int(seed)}, {int(steps)} steps"
+        params = (image.info or {}).get("parameters", "") if hasattr(image, "info") else ""
+        settings = params.splitlines()[-1] if params else f"Seed: {int(seed)}, Steps: {int(steps)}"
+        note = (" (a checkpoint's preview copy is removed after use: Send reproduces it only for the installed LoRA)"
+                if staged is not None else "")
+        return image, f"<lora:{name}:{float(weight):g}> {settings}{note}", params
 
     def sweep(self, prompt: str, lora_name: str, checkpoint: str, seed, steps, size):
         """([(PIL image, label)], message) for the weights 0, 0.25, 0.5, 0.75, 1."""
@@ -407,6 +445,8 @@ def format_status(st: dict) -> str:
     if st.get("eta_s") is not None and state == "running":
         parts.append(f"ETA {datetime.timedelta(seconds=int(st['eta_s']))}")
     text = ", ".join(parts)
+    if st.get("phase"):
+        text += f" - {st['phase']}"
     if state == "finished" and st.get("lora_path"):
         text += f"\nLoRA: {st['lora_path']}"
     if state == "stopped" and st.get("last_checkpoint"):

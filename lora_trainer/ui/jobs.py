@@ -40,6 +40,7 @@ class Job:
     run_dir: Path
     preview_after: bool = True
     state: str = "waiting"              # waiting | running | finishing | finished | stopped | failed
+    phase: str = ""                     # what it does between steps: "rendering sample 3/8", "installing ..."
     error: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     step: int = 0
@@ -63,6 +64,10 @@ class Job:
     def on_event(self, e) -> None:
         if e.total_steps:
             self.total_steps = e.total_steps
+        if e.data and "phase" in e.data:
+            self.phase = e.data["phase"]
+        elif e.kind in ("step", "finished", "stopped", "failed"):
+            self.phase = ""
         if e.kind == "step":
             self.step, self.epoch, self.loss = e.step, e.epoch, e.loss
             self.it_per_s, self.eta_s = e.it_per_s, e.eta_s
@@ -88,7 +93,7 @@ class Job:
 
     def status(self) -> dict[str, Any]:
         return {
-            "id": self.id, "state": self.state, "name": self.name, "step": self.step,
+            "id": self.id, "state": self.state, "phase": self.phase, "name": self.name, "step": self.step,
             "total_steps": self.total_steps, "epoch": self.epoch, "loss": self.loss, "it_per_s": self.it_per_s,
             "eta_s": self.eta_s, "error": self.error, "notes": list(self.notes), "run_dir": str(self.run_dir),
             "trained_path": self.trained_path, "lora_path": self.lora_path, "preview_path": self.preview_path,
@@ -279,7 +284,7 @@ class JobRunner:
             if result.status != "finished":
                 job.state = "stopped"
                 return
-            job.state = "finishing"
+            job.state, job.phase = "finishing", f"installing into {host.lora_dir()}"
             job.trained_path = str(result.lora_path)
             installed = host.install_lora(result.lora_path, overwrite=job.cfg.overwrite, name=job.name)
             job.lora_path = str(installed)
@@ -288,9 +293,13 @@ class JobRunner:
                 log(f"{job.name} already exists in {host.lora_dir()}; installed as {installed.name} "
                     f"(overwrite: true replaces)")
             log(f"installed {installed} — prompt with <lora:{installed.stem}:1>")
+            # finished as soon as the LoRA can be used; the card's picture follows (the thread ends after it)
+            job.state, job.phase = "finished", ("rendering the LoRA card's preview" if job.preview_after else "")
             if job.preview_after:
-                self._preview_beside(job, installed, log)
-            job.state = "finished"
+                try:
+                    self._preview_beside(job, installed, log)
+                finally:
+                    job.phase = ""
         except HostBusy as e:
             if job.stop_flag and result is None:  # stopped before the GPU was ours: nothing to save
                 job.state = "stopped"

@@ -17,6 +17,14 @@ POLL_S = 1.0
 ADVANCED_GROUPS = (("model", "Model"), ("data", "Data and captions"), ("advanced", "Training, network, output"))
 
 
+def trigger_note(trigger: str) -> str:
+    if (trigger or "").strip():
+        return (f"the trigger word {trigger.strip()!r} (Parameters) is put first in every caption when training; "
+                f"the caption files stay without it")
+    return ("no trigger word yet: set one in Parameters > Trigger word; it is put first in every caption when "
+            "training (the caption files stay as they are)")
+
+
 def gradio_major() -> int:
     import gradio as gr
 
@@ -106,7 +114,6 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Threshold",
                                   elem_id="lora_trainer_threshold")
         with gr.Row():
-            trigger = gr.Textbox(label="Trigger word to write first in each caption", elem_id="lora_trainer_trigger")
             tag_mode = gr.Dropdown(label="Mode", choices=["tags", "caption"], value="tags",
                                    elem_id="lora_trainer_tag_mode")
             policy = gr.Dropdown(label="Images that have a caption", choices=["keep", "append", "overwrite"],
@@ -167,6 +174,9 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
         # ---- Run ------------------------------------------------------------------------------------
         gr.Markdown("### 5. Train")
         with gr.Row():
+            memory_box = gr.Textbox(label="Memory", interactive=False, lines=2, elem_id="lora_trainer_memory", scale=4)
+            memory_btn = gr.Button("Estimate memory", elem_id="lora_trainer_memory_btn", scale=1)
+        with gr.Row():
             start_btn = gr.Button("Start", variant="primary", elem_id="lora_trainer_start")
             stop_btn = gr.Button("Stop (save a checkpoint)", elem_id="lora_trainer_stop")
             watch_btn = gr.Button("Refresh progress", elem_id="lora_trainer_watch")
@@ -220,6 +230,13 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
                                    elem_id="lora_trainer_preview_img", **png)
             sweep_gallery = gr.Gallery(label="Weight sweep", columns=5, height=260, allow_preview=True,
                                        elem_id="lora_trainer_sweep_gallery")
+        # the preview's generation parameters in the WebUIs' PNG-info form: the host's Send buttons read them
+        preview_params = gr.Textbox(visible=False, elem_id="lora_trainer_preview_params")
+        with gr.Row():
+            try:
+                host.send_buttons(preview_img, preview_params)
+            except Exception as e:  # a WebUI without the paste machinery still gets the tab
+                print(f"[lora-trainer] no Send to txt2img button: {type(e).__name__}: {e}")
 
         # ---- wiring ---------------------------------------------------------------------------------
         keys = list(widgets)
@@ -286,11 +303,13 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
                        [caption_msg, gallery, caption_box])
 
         def do_autotag(folder, tg, model, thr, trig, mode, pol, ext, rel):
-            msg = ctl.autotag(folder, tg, model, thr, trig, mode, pol, ext_of(ext))
+            # the one trigger-word field is Parameters' caption_prefix: put first when training, never written
+            msg = ctl.autotag(folder, tg, model, thr, "", mode, pol, ext_of(ext)) + "\n" + trigger_note(trig)
             items, _choices, _ = ctl.load_dataset(folder, ext_of(ext))
             return msg, items, (ctl.caption_of(folder, rel, ext_of(ext)) if rel else gr.update())
 
-        autotag_btn.click(do_autotag, [dataset_dir, tagger, tagger_model, threshold, trigger, tag_mode, policy,
+        autotag_btn.click(do_autotag, [dataset_dir, tagger, tagger_model, threshold, widgets["caption_prefix"], tag_mode,
+                                       policy,
                                        ext_widget, image_pick], [caption_msg, gallery, caption_box])
 
         check_btn.click(lambda folder, *args: ctl.check_dataset(values_of(args), folder),
@@ -301,7 +320,11 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             return [gr.update(value=values[k]) if k in values else gr.update() for k in keys] + \
                 [f"preset {g} / {t} applied (change anything before starting)"]
 
-        preset_btn.click(do_preset, [tier, goal], form_inputs + [param_msg])
+        def estimate(folder, *args):
+            return ctl.memory(values_of(args), folder)
+
+        preset_btn.click(do_preset, [tier, goal], form_inputs + [param_msg]).then(
+            estimate, [dataset_dir] + form_inputs, [memory_box])
 
         def apply_loaded(values, folder, msg):
             if values is None:
@@ -338,7 +361,8 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
                 time.sleep(POLL_S)
 
         start_btn.click(lambda folder, *args: ctl.start(values_of(args), folder), [dataset_dir] + form_inputs,
-                        [run_msg]).then(watch, None, run_outputs)
+                        [run_msg, memory_box]).then(watch, None, run_outputs)
+        memory_btn.click(estimate, [dataset_dir] + form_inputs, [memory_box])
 
         def do_resume(label):
             values, folder, msg = ctl.resume_run(label)
@@ -372,7 +396,7 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
         lora_refresh.click(lambda: (gr.update(choices=ctl.lora_choices()), gr.update(choices=ctl.checkpoint_choices())),
                            None, [lora_pick, ckpt_pick])
         gen_btn.click(ctl.generate, [prompt, lora_pick, ckpt_pick, weight, seed, steps, size],
-                      [preview_img, preview_msg])
+                      [preview_img, preview_msg, preview_params])
         sweep_btn.click(ctl.sweep, [prompt, lora_pick, ckpt_pick, seed, steps, size], [sweep_gallery, preview_msg])
 
     tab.lora_trainer_controller = ctl  # for tests and the API

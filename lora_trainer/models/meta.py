@@ -1,0 +1,45 @@
+"""Shape-only copies of a base model on the meta device: the memory planner traces them (no weights, no memory,
+a forward pass in well under a second even for SDXL)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import BaseModel
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def meta_model(source, dtype: Optional[torch.dtype] = None) -> BaseModel:
+    """A BaseModel with the architecture of `source` (a BaseModel, or a host's LoadedCheckpoint) whose
+    parameters live on the meta device. Each module keeps its own precision unless `dtype` is given."""
+    if isinstance(source, BaseModel):
+        with torch.device("meta"):
+            unet = type(source.unet).from_config(source.unet.config)
+            vae = type(source.vae).from_config(source.vae.config)
+            encoders = [type(te)(te.config) for te in source.text_encoders]
+        unet.to(_dtype_of(source.unet))
+        vae.to(_dtype_of(source.vae))
+        for meta_te, te in zip(encoders, source.text_encoders):
+            meta_te.to(_dtype_of(te))
+        model = BaseModel(family=source.family, unet=unet, vae=vae, text_encoders=encoders,
+                          tokenizers=source.tokenizers, noise_scheduler=source.noise_scheduler,
+                          v_prediction=source.v_prediction, name=source.name, path=source.path, source=source.source)
+    else:
+        from .loader import build_from_ldm_state_dict
+
+        shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                  for k, v in source.state_dict.items() if isinstance(v, torch.Tensor)}
+        model = build_from_ldm_state_dict(
+            shapes, family=source.family,
+            v_parameterization=source.v_prediction if source.v_prediction is not None else "auto",
+            original_config=source.original_config, name=source.title, path=source.path, log_fn=lambda *_: None)
+    if dtype is not None:
+        model.unet.to(dtype)
+        for te in model.text_encoders:
+            te.to(dtype)
+    model.freeze()
+    return model
