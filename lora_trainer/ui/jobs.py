@@ -20,6 +20,7 @@ from typing import Any, Optional
 from ..config import ConfigError, TrainConfig, atomic_write_bytes
 from ..train.control import StopFlag
 from ..train.events import EventBus
+from ..train.memory_return import hand_back
 
 TERMINAL = ("finished", "stopped", "failed")
 _ids = itertools.count(1)
@@ -316,6 +317,8 @@ class JobRunner:
             if job.state not in TERMINAL:
                 job.state = "failed"
             write_loss_history(job.run_dir, job.losses)
+            result = None
+            hand_back()  # the WebUI's process lives on: give the run's memory back to the OS / the driver
 
     @staticmethod
     def _fail(job: Job, message: str) -> None:
