@@ -99,11 +99,17 @@
         if (!button) {
             return;
         }
-        button.addEventListener("click", function () {
-            // The WebUI cannot drop a generation that waits in its queue: it runs when training ends.
-            if (trainingLine() && confirm("A LoRA is training, and this generation waits for it.\n\nOK: stop " +
-                                          "the training (a resumable checkpoint is saved) and generate now.\n" +
-                                          "Cancel: training goes on; the generation runs when it has ended.")) {
+        button.addEventListener("click", function (event) {
+            if (!trainingLine()) {
+                return;  // no training: the WebUI's own Interrupt, untouched
+            }
+            // The WebUI cannot drop a generation that waits in its queue: it runs when training ends. Its own
+            // handler would only show "Interrupting..." for a generation that has not begun, so it is not called.
+            event.stopImmediatePropagation();
+            event.preventDefault();
+            if (confirm("A LoRA is training, and this generation waits for it.\n\nOK: stop " +
+                        "the training (a resumable checkpoint is saved) and generate now.\n" +
+                        "Cancel: training goes on; the generation runs when it has ended.")) {
                 var stop = byId("lora_trainer_stop");
                 if (stop) {
                     stop.click();

@@ -174,7 +174,8 @@ def webui(monkeypatch, tmp_path):
 
         ns.previews.append({"kw": p.kw, "lock_held": ns.lock.held, "job": ns.state.job})
         ns.state.job_count, ns.state.textinfo = 1, "sampling"
-        info = (f"{p.kw['prompt']}\nSteps: {p.kw['steps']}, Sampler: {p.kw['sampler_name']}, CFG scale: "
+        prompt = p.kw["prompt"].split(", <lora:")[0]  # the WebUI writes it with the extra-network tags taken out
+        info = (f"{prompt}\nSteps: {p.kw['steps']}, Sampler: {p.kw['sampler_name']}, CFG scale: "
                 f"{p.kw['cfg_scale']}, Seed: {p.kw['seed']}, Size: {p.kw['width']}x{p.kw['height']}")
         return SimpleNamespace(images=[Image.new("RGB", (p.kw["width"], p.kw["height"]), (1, 2, 3))],
                                infotexts=[info])
@@ -417,7 +418,11 @@ def test_preview_uses_the_webui_pipeline_and_restores_its_state(webui, tmp_path)
     assert (webui.state.job, webui.state.textinfo, webui.state.job_count) == ("txt2img", "earlier", 7)
     assert not webui.lock.held
     # the WebUI's own generation parameters travel with the image; its Send buttons paste them into txt2img
-    assert image.info["parameters"].endswith("Steps: 6, Sampler: Euler, CFG scale: 7.0, Seed: 5, Size: 64x48")
+    assert image.info["parameters"] == ("red square, <lora:mystyle-abc:0.75>\n"
+                                        "Steps: 6, Sampler: Euler, CFG scale: 7.0, Seed: 5, Size: 64x48")
+    assert a1111_mod.with_prompt("p\nNegative prompt: n\nSteps: 1", "p, <lora:x:1>") == \
+        "p, <lora:x:1>\nNegative prompt: n\nSteps: 1"
+    assert a1111_mod.with_prompt("line one\nline two\nSteps: 1", "q") == "q\nSteps: 1"
     assert host.send_buttons("preview-image", "preview-params")
     assert [(b.paste_button, b.tabname, b.source_text_component, b.source_image_component) for b in webui.bindings] \
         == [("button:txt2img", "txt2img", "preview-params", "preview-image"),

@@ -2,7 +2,15 @@
 dataset -> autotag -> caption edit -> train -> LoRA file in the folder -> previews at weight 1 and 0.
 
 Skips only when Playwright or Chromium is missing (CI installs both in the A1111 environment:
-`pip install playwright` and `apt-get install -y chromium`; never `playwright install`)."""
+`pip install playwright` and `apt-get install -y chromium`; never `playwright install`).
+
+The same tests run against a live WebUI on this machine (its Train LoRA tab, its own model and folders):
+
+    LORA_TRAINER_LIVE_URL=http://127.0.0.1:7860/ LORA_TRAINER_LIVE_LORA_DIR=/path/to/models/Lora \
+    LORA_TRAINER_LIVE_WORK_DIR=/path/to/output/lora-trainer python -m pytest tests/test_ui_browser.py
+
+Names get a time suffix there (a live LoRA folder keeps earlier results); checks that need the host in this
+process (the base model's own image at weight 0) are left to the standalone run."""
 import base64
 import re
 import io
@@ -40,11 +48,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LIVE = os.environ.get("LORA_TRAINER_LIVE_URL")
+SUFFIX = time.strftime("_%H%M%S") if LIVE else ""  # a live LoRA folder keeps earlier runs' files
+STYLE, RELOAD, UPLOADS = "browser_style" + SUFFIX, "reload_me" + SUFFIX, "my uploads" + SUFFIX
+
+
+class LiveHost:
+    """What the tests read of a live WebUI: its folders (given by the environment); it cannot preview here."""
+    preview = None
+
+    @staticmethod
+    def lora_dir() -> Path:
+        return Path(os.environ["LORA_TRAINER_LIVE_LORA_DIR"])
+
+    @staticmethod
+    def work_dir() -> Path:
+        return Path(os.environ["LORA_TRAINER_LIVE_WORK_DIR"])
+
+
 @pytest.fixture(scope="module")
 def server(tiny_files, tmp_path_factory):
     from lora_trainer.ui.standalone import launch
 
     root = tmp_path_factory.mktemp("browser")
+    if LIVE:
+        yield LiveHost(), LIVE, root
+        return
     host = StandaloneHost(str(tiny_files["sd1"]), root / "Lora", work_dir=root / "runs", log=lambda *_: None)
     demo, _app, url = launch(host, _free_port(), runner=JobRunner(), quiet=True)
     yield host, url, root
@@ -58,6 +87,8 @@ def page(server):
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(T)
         pg.goto(server[1])
+        if LIVE:  # a WebUI: the tab is one of many
+            pg.locator("button", has_text="Train LoRA").first.click()
         pg.wait_for_selector("#lora_trainer_dataset_dir textarea")
         yield pg
         browser.close()
@@ -150,7 +181,7 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     assert (data / "img_00.txt").read_text().strip() == "zzbrowser, red square edited in the browser"
 
     # -- parameters: tiny and fast --
-    set_text(page, "lora_trainer_cfg_output_name", "browser_style")
+    set_text(page, "lora_trainer_cfg_output_name", STYLE)
     set_text(page, "lora_trainer_cfg_resolution", "64")
     set_number(page, "lora_trainer_cfg_lora_rank", 4)
     set_text(page, "lora_trainer_cfg_lora_alpha", "4")
@@ -175,12 +206,12 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     status = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("finished", "failed", "stopped")),
                       "training to end")
     assert status.startswith("finished") and "step 4/4 (100%)" in status, status
-    lora = host.lora_dir() / "browser_style.safetensors"
+    lora = host.lora_dir() / f"{STYLE}.safetensors"
     assert lora.is_file() and str(lora) in status
     assert lora.with_suffix(".png").is_file() and lora.with_suffix(".json").is_file()
     assert "installed" in text_of(page, "lora_trainer_log")
     assert page.locator("#lora_trainer_loss img").count() == 1  # the loss curve is drawn
-    assert page.locator("#lora_trainer_lora_pick input").first.input_value() == "browser_style"
+    assert page.locator("#lora_trainer_lora_pick input").first.input_value() == STYLE
 
     # -- preview: weight 1 differs from weight 0, weight 0 is the base model --
     page.click("#lora_trainer_prompt_fill")
@@ -188,16 +219,17 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     set_number(page, "lora_trainer_steps", 3)
     set_text(page, "lora_trainer_size", "64")
     page.click("#lora_trainer_generate")
-    wait_for(page, "lora_trainer_preview_msg", lambda v: "<lora:browser_style:1>" in v, "the weight-1 preview")
+    wait_for(page, "lora_trainer_preview_msg", lambda v: f"<lora:{STYLE}:1>" in v, "the weight-1 preview")
     src1, at_one = image_of(page, url, "lora_trainer_preview_img")
     set_number(page, "lora_trainer_weight", 0)
     assert page.locator("#lora_trainer_weight input[type=range]").input_value() == "0"
     page.click("#lora_trainer_generate")
-    wait_for(page, "lora_trainer_preview_msg", lambda v: "<lora:browser_style:0>" in v, "the weight-0 preview")
+    wait_for(page, "lora_trainer_preview_msg", lambda v: f"<lora:{STYLE}:0>" in v, "the weight-0 preview")
     _src0, at_zero = image_of(page, url, "lora_trainer_preview_img", previous_src=src1)
-    base = np.asarray(host.preview(prompt, None, 0.0, 1234, 3, (64, 64)).convert("RGB"))
-    assert at_zero.shape == base.shape == (64, 64, 3)
-    assert np.array_equal(at_zero, base)  # weight 0 is exactly the base model
+    if host.preview is not None:
+        base = np.asarray(host.preview(prompt, None, 0.0, 1234, 3, (64, 64)).convert("RGB"))
+        assert at_zero.shape == base.shape == (64, 64, 3)
+        assert np.array_equal(at_zero, base)  # weight 0 is exactly the base model
     assert np.abs(at_one.astype(int) - at_zero.astype(int)).mean() > 0.5  # the LoRA changes the picture
 
     # -- an intermediate checkpoint previews under its own unique name --
@@ -208,7 +240,7 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     page.click("#lora_trainer_generate")
     msg = wait_for(page, "lora_trainer_preview_msg", lambda v: "step00000" in v or "gone" in v,
                    "the checkpoint preview")
-    assert "<lora:browser_style-step000002-" in msg, msg
+    assert f"<lora:{STYLE}-step000002-" in msg, msg
     assert not (host.lora_dir() / "lora-trainer-previews").exists()  # the preview copy is gone after use
 
 
@@ -228,7 +260,7 @@ def test_a_reloaded_page_shows_the_run_and_resume_is_one_click(server, page, tmp
     monkeypatch.setattr(EventBus, "emit", slow_steps)
     data = make_images(root / "reload_data", n=4)
     set_text(page, "lora_trainer_dataset_dir", data)
-    set_text(page, "lora_trainer_cfg_output_name", "reload_me")
+    set_text(page, "lora_trainer_cfg_output_name", RELOAD)
     set_text(page, "lora_trainer_cfg_resolution", "64")
     set_number(page, "lora_trainer_cfg_lora_rank", 4)
     set_number(page, "lora_trainer_cfg_batch_size", 1)
@@ -251,20 +283,22 @@ def test_a_reloaded_page_shows_the_run_and_resume_is_one_click(server, page, tmp
     assert stopped.startswith("stopped"), stopped
 
     page.reload()
+    if LIVE:
+        page.locator("button", has_text="Train LoRA").first.click()
     page.wait_for_selector("#lora_trainer_dataset_dir textarea")
-    run = wait_for(page, "lora_trainer_run_msg", lambda v: "reload_me" in v, "the run to show after the reload",
+    run = wait_for(page, "lora_trainer_run_msg", lambda v: RELOAD in v, "the run to show after the reload",
                    timeout=60)
     assert run.startswith("stopped") and "Resume" in run, run
-    assert text_of(page, "lora_trainer_status").startswith("stopped: reload_me")
-    assert page.locator("#lora_trainer_cfg_output_name textarea").first.input_value() == "reload_me"
+    assert text_of(page, "lora_trainer_status").startswith(f"stopped: {RELOAD}")
+    assert page.locator("#lora_trainer_cfg_output_name textarea").first.input_value() == RELOAD
     assert text_of(page, "lora_trainer_dataset_dir") == str(data)
     assert page.locator("#lora_trainer_loss img").count() == 1
-    assert "reload_me" in page.locator("#lora_trainer_runs_pick input").first.input_value()
+    assert RELOAD in page.locator("#lora_trainer_runs_pick input").first.input_value()
 
     set_number(page, "lora_trainer_cfg_lora_rank", 8)  # a changed form does not break the resume
     set_text(page, "lora_trainer_cfg_max_train_steps", "6")
     page.click("#lora_trainer_resume")
-    done = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("finished", "failed")) and "reload_me" in v,
+    done = wait_for(page, "lora_trainer_status", lambda v: v.startswith(("finished", "failed")) and RELOAD in v,
                     "the resumed run to end")
     assert done.startswith("finished") and "step 40/40" in done, done  # the run's own 40 steps, not the form's 6
     assert "resumed from" in text_of(page, "lora_trainer_log")
@@ -278,10 +312,10 @@ def test_upload_images_into_a_managed_dataset(server, page, tmp_path):
     page.locator("#lora_trainer_upload input[type=file]").set_input_files(
         [str(src / "img_00.png"), str(src / "img_00.txt"), str(src / "img_01.png")])
     page.wait_for_function("() => document.querySelector('#lora_trainer_upload').innerText.includes('img_01')")
-    set_text(page, "lora_trainer_upload_name", "my uploads")
+    set_text(page, "lora_trainer_upload_name", UPLOADS)
     page.click("#lora_trainer_upload_btn")
     msg = wait_for(page, "lora_trainer_dataset_msg", lambda v: "copied" in v or "choose" in v, "the upload copy")
-    folder = host.work_dir() / "datasets" / "my_uploads"
+    folder = host.work_dir() / "datasets" / UPLOADS.replace(" ", "_")
     assert f"copied 2 image(s) into {folder}" in msg, msg
     assert sorted(p.name for p in folder.iterdir()) == ["img_00.png", "img_00.txt", "img_01.png"]
     assert (folder / "img_00.txt").read_text() == (src / "img_00.txt").read_text()

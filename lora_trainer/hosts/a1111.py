@@ -110,6 +110,14 @@ def _restore_bias(module, backup) -> None:
         module.bias = None  # the module had no bias until a LoRA with one was merged
 
 
+def with_prompt(infotext: str, prompt: str) -> str:
+    """The WebUI's infotext with `prompt` as its prompt: the WebUI writes the prompt with its <lora:...> tags taken
+    out (they are parsed off before sampling), so pasting it into txt2img would generate without the LoRA."""
+    lines = infotext.split("\n")
+    end = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), len(lines) - 1)
+    return "\n".join([prompt] + lines[end:])
+
+
 class _QueueLock:
     """The WebUI's queue lock (not re-entrant), taken once per thread by this adapter."""
 
@@ -420,8 +428,8 @@ class A1111Host(Host):
             raise HostError("the WebUI returned no image (interrupted?)")
         image = processed.images[0]
         texts = getattr(processed, "infotexts", None) or []
-        if texts and not image.info.get("parameters"):
-            image.info["parameters"] = texts[0]  # sampler, steps, CFG, seed, size as the WebUI writes them
+        if texts:  # sampler, steps, CFG, seed, size as the WebUI writes them
+            image.info["parameters"] = with_prompt(texts[0], full_prompt)
         return image
 
     def send_buttons(self, image, text) -> bool:

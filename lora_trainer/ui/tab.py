@@ -363,6 +363,9 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
         start_btn.click(lambda folder, *args: ctl.start(values_of(args), folder), [dataset_dir] + form_inputs,
                         [run_msg, memory_box]).then(watch, None, run_outputs)
         memory_btn.click(estimate, [dataset_dir] + form_inputs, [memory_box])
+        # the preview's size follows the training resolution (a tiny test model at the tier's 512 px makes NaNs)
+        if "resolution" in widgets:
+            widgets["resolution"].change(lambda r: str(r or "").replace(" ", ""), [widgets["resolution"]], [size])
 
         def do_resume(label):
             values, folder, msg = ctl.resume_run(label)
