@@ -131,3 +131,32 @@ def test_the_tab_shows_the_estimate_and_start_asks_once_when_it_will_not_fit(tmp
     log = "\n".join(e["message"] or "" for e in ctl.runner.events_since(0)[0])
     assert ctl.runner.status()["state"] == "finished", ctl.runner.status()
     assert "Estimated peak memory on CPU" in log and "Will not fit" in log
+
+
+def test_an_estimate_leaves_torch_alone_for_other_threads():
+    """A WebUI may generate while someone presses Estimate memory: nothing of torch is patched for the trace."""
+    import threading
+
+    import torch.nn.functional as F
+    import torch.utils.checkpoint as cp
+
+    sdpa, checkpoint = F.scaled_dot_product_attention, cp.checkpoint
+    q = torch.randn(1, 2, 16, 8)
+    expected = F.scaled_dot_product_attention(q, q, q)
+    model = build_tiny("sd1")
+    done = threading.Event()
+
+    def estimates():
+        for checkpointing in (False, True, False):
+            mp.estimate_memory(model, cfg_of(gradient_checkpointing=checkpointing), "cpu", resident=True)
+        done.set()
+
+    worker = threading.Thread(target=estimates)
+    worker.start()
+    mismatches = runs = 0
+    while not done.is_set() and worker.is_alive():
+        mismatches += not torch.equal(F.scaled_dot_product_attention(q, q, q), expected)
+        runs += 1
+    worker.join()
+    assert done.is_set() and runs > 0 and mismatches == 0
+    assert F.scaled_dot_product_attention is sdpa and cp.checkpoint is checkpoint

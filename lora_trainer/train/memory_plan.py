@@ -12,7 +12,6 @@ phase (the VAE encoder without gradients). `bench/bench_memory_plan.py` measures
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -160,6 +159,8 @@ class _MetaOps(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _fused_sdpa(*args[:3], dtype=self.dtype)
         if func is torch.full and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].is_meta:
             args = (args[0], 0.0, *args[2:])
         if self.dtype is None:
@@ -176,31 +177,46 @@ class _MetaOps(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _traced_checkpoints(kept: _Kept, blocks: list[int]):
-    """torch.utils.checkpoint as it behaves for memory: a block keeps its inputs; its own tensors are counted
-    apart (they exist only while that one block is recomputed in the backward pass)."""
-    import torch.utils.checkpoint as cp
+# the blocks diffusers' UNet and transformers' CLIP run through torch.utils.checkpoint when it is on
+CHECKPOINTED_UNET = ("ResnetBlock2D", "Transformer2DModel", "DualTransformer2DModel")
+CHECKPOINTED_TEXT = ("CLIPEncoderLayer",)
 
-    original = cp.checkpoint
 
-    def checkpoint(fn, *args, **kwargs):
-        kwargs.pop("use_reentrant", None)
-        kwargs.pop("preserve_rng_state", None)
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                kept.pack(a)
-        inner = _Kept(kept.exclude)
-        with inner.hooks():
-            out = fn(*args, **kwargs)
-        blocks.append(inner.total)
-        return out
+class _Tracer:
+    """Routes what autograd keeps to the right place. With gradient checkpointing a checkpointed block keeps only
+    its inputs; its own tensors are counted apart, since they exist only while that one block is recomputed in the
+    backward pass. Done with hooks on the traced (meta) modules, not by patching torch: a WebUI may be generating
+    in another thread meanwhile."""
 
-    cp.checkpoint = checkpoint
-    try:
-        yield
-    finally:
-        cp.checkpoint = original
+    def __init__(self, exclude: set[int]):
+        self.outer = _Kept(exclude)
+        self.stack: list[_Kept] = []
+        self.blocks: list[int] = []
+
+    def pack(self, t: torch.Tensor):
+        return (self.stack[-1] if self.stack else self.outer).pack(t)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, _Kept.unpack)
+
+    def checkpoint(self, modules: list[torch.nn.Module], names: tuple[str, ...]) -> list:
+        def enter(_module, args, kwargs):
+            if not self.stack:  # a block inside a checkpointed block is part of it
+                for value in (*args, *kwargs.values()):
+                    if isinstance(value, torch.Tensor):
+                        self.outer.pack(value)
+            self.stack.append(_Kept(self.outer.exclude))
+
+        def leave(_module, _args, _kwargs, _output):
+            self.blocks.append(self.stack.pop().total)
+
+        handles = []
+        for root in modules:
+            for m in root.modules():
+                if type(m).__name__ in names:
+                    handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+                    handles.append(m.register_forward_hook(leave, with_kwargs=True))
+        return handles
 
 
 def _param_storages(*modules) -> set[int]:
@@ -222,27 +238,19 @@ def _trace_training(model, cfg: TrainConfig, autocast: Optional[torch.dtype]) ->
     it is kept memory, not a temporary."""
     unet = model.unet
     modules = [unet, *model.text_encoders]
-    kept = _Kept(set())
-    blocks: list[int] = []
+    tracer = _Tracer(_param_storages(*modules))  # frozen weights are resident; LoRA weights are counted apart
     b = cfg.batch_size
     side = cfg.resolution // _vae_scale(model.vae)
-    original_sdpa = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = functools.partial(_fused_sdpa, dtype=autocast)
     dtype = autocast or next(unet.parameters()).dtype
+    handles = []
+    if cfg.gradient_checkpointing:
+        handles += tracer.checkpoint([unet], CHECKPOINTED_UNET)
+        if cfg.train_text_encoder:
+            handles += tracer.checkpoint(model.text_encoders, CHECKPOINTED_TEXT)
     try:
         with contextlib.ExitStack() as stack:
             ops = stack.enter_context(_MetaOps(autocast))
-            if cfg.gradient_checkpointing:
-                stack.enter_context(_traced_checkpoints(kept, blocks))
-                unet.enable_gradient_checkpointing()
-                if cfg.train_text_encoder:
-                    for te in model.text_encoders:
-                        te.gradient_checkpointing_enable()
-            unet.train(cfg.gradient_checkpointing)
-            for te in model.text_encoders:
-                te.train(cfg.train_text_encoder and cfg.gradient_checkpointing)
-            kept.exclude = _param_storages(*modules)  # frozen weights are resident; LoRA weights are counted apart
-            stack.enter_context(kept.hooks())
+            stack.enter_context(tracer.hooks())
             stack.enter_context(torch.set_grad_enabled(True))
             hidden, pooled = [], None
             grad_ctx = contextlib.nullcontext() if cfg.train_text_encoder else torch.no_grad()
@@ -262,9 +270,10 @@ def _trace_training(model, cfg: TrainConfig, autocast: Optional[torch.dtype]) ->
                                                "time_ids": torch.empty(b, 6, dtype=dtype, device="meta")}
             unet(latents, timesteps, encoder_hidden_states=embeds, **kwargs)
     finally:
-        F.scaled_dot_product_attention = original_sdpa
-    activations, copies = kept.split(ops.weight_copies)
-    return activations + max(blocks, default=0), copies
+        for h in handles:
+            h.remove()
+    activations, copies = tracer.outer.split(ops.weight_copies)
+    return activations + max(tracer.blocks, default=0), copies
 
 
 VAE_PIXELS = 4 * 512 * 512  # pixels encoded at once while caching: ~0.5 GiB per fp32 activation of the VAE's top
