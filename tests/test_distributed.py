@@ -180,7 +180,10 @@ def text_runs(tmp_path_factory):
     data = _jsonl(tmp / "data" / "qa.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS[:7]])
     keys = dict(task_type="text-generation", base_model=base, train_data_dir=str(data.parent), output_name="adapter",
                 lora_rank=4, lora_alpha=8, epochs=2, learning_rate=1e-2, max_seq_length=32, seed=1, device="cpu",
-                log_with="none", save_precision="fp32", weight_decay=0.0)
+                log_with="none", save_precision="fp32", weight_decay=0.0,
+                # no clipping: with transformers 4.30 it scales these gradients down to where Adam's eps turns
+                # float rounding into differences of ~2e-4 (both data parallel and FSDP; 1e-6 on transformers 5)
+                max_grad_norm=0.0)
     from lora_trainer.text import train_text
     from lora_trainer.train.control import StopFlag
 
