@@ -276,3 +276,38 @@ def test_text_lora_with_fsdp_on_two_processes_equals_one_and_its_checkpoint_resu
                                             output_name="resumed", resume_from_checkpoint=str(checkpoint))),
                          EventBus(), StopFlag())
     assert diff(resumed, text_runs["one5"]) <= FLOAT_TOLERANCE
+
+
+def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(tiny_files, tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and every process; torchrun sends it on again (the same request)
+    and waits for them: the main process writes one checkpoint and all exit."""
+    import time
+
+    data = make_images(tmp_path / "data", n=4)
+    config = _yaml(tmp_path / "c.yaml", _keys(tiny_files, data, tmp_path / "out", max_train_steps=100000,
+                                              train_text_encoder=False))
+    root = Path(lora_trainer.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "lora_trainer", "train", "--config", str(config)], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT_S
+        while "step 1/" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert "step 1/" in log.read_text(), log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "rng-rank1.json").is_file(), text[-3000:]
+    assert text.count("resume with the same command plus --resume_from_checkpoint") == 1
+    # torchrun's second SIGINT is taken as the same request, not as "abort without saving"
+    assert "stopped at step" in text and "received SIGINT" in text and "aborted" not in text

@@ -62,7 +62,7 @@ def test_with_cuda_but_without_bitsandbytes_the_message_says_how_to_install(tmp_
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
-    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+    with pytest.raises(ConfigError, match="keep_torch > keep-torch.txt && pip install -c keep-torch.txt bitsandbytes"):
         q.check_quantization(_cfg(tmp_path, load_in_4bit=True), torch.device("cuda", 0))
     with pytest.raises(ConfigError, match="this run is on cpu"):
         q.check_quantization(_cfg(tmp_path, load_in_8bit=True), torch.device("cpu"))

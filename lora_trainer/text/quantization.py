@@ -29,8 +29,11 @@ def check_quantization(cfg: TrainConfig, device: torch.device) -> None:
                           f"the unquantized model (on this device it needs the full model's memory), or run on a "
                           f"machine with an NVIDIA GPU")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{key}: the bitsandbytes package is not installed; install it with "
-                          f"`pip install bitsandbytes` (CUDA builds for Linux and Windows), or remove {key}")
+        from ..keep_torch import CONSTRAINTS_FILE, MAKE_CONSTRAINTS
+
+        raise ConfigError(f"{key}: the bitsandbytes package is not installed; install it with your torch kept as "
+                          f"it is: `{MAKE_CONSTRAINTS} && pip install -c {CONSTRAINTS_FILE} bitsandbytes` (CUDA "
+                          f"builds for Linux and Windows), or remove {key}")
 
 
 def bnb_options(cfg: TrainConfig) -> dict:
