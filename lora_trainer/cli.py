@@ -109,30 +109,48 @@ def _clock(seconds: float) -> str:
 
 
 def run_training(cfg: TrainConfig) -> int:
+    from .train.distributed import Processes
+
+    procs = Processes.from_environment(cfg.device)  # several processes under torchrun / accelerate launch
+    try:
+        return _run_training(cfg, procs)
+    finally:
+        # a launcher ends every process once one has exited: none leaves before the main one has written
+        procs.barrier_quietly()
+
+
+def _run_training(cfg: TrainConfig, procs) -> int:
     from .train.control import StopFlag, stop_on_signals
+    from .train.distributed import launched_world_size
     from .train.events import EventBus
 
     events = EventBus()
-    events.subscribe(ProgressPrinter())
+    if procs.is_main:  # one progress bar and one log, from the main process
+        events.subscribe(ProgressPrinter())
+    else:
+        events.subscribe(lambda e: print(f"[rank {procs.rank}] error: {e.message}", file=sys.stderr, flush=True)
+                         if e.kind == "failed" and e.message else None)
     stop = StopFlag()
-    with stop_on_signals(stop):
+    # a launcher passes the terminal's Ctrl-C on to its processes: that second signal is the same request
+    with stop_on_signals(stop, same_signal_within_s=5.0 if launched_world_size() > 1 else 0.0):
         if cfg.task_type == "text-generation":
             from .text import train_text
 
             from .text import TextTrainingError
 
             try:
-                path = train_text(cfg, events, stop)
+                path = train_text(cfg, events, stop, processes=procs)
             except TextTrainingError:
                 return 1
             if stop:
                 return 130
-            print(f"\nDone: peft adapter in {path} (load with peft.PeftModel.from_pretrained)")
+            if procs.is_main:
+                print(f"\nDone: peft adapter in {path} (load with peft.PeftModel.from_pretrained)")
             return 0
         from .train.trainer import Trainer, TrainingFailed
 
         try:
-            result = Trainer(cfg, events, stop).run()
+            result = Trainer(cfg, events, stop, processes=procs).run()
         except TrainingFailed:
             return 1
         except Exception as e:
@@ -140,6 +158,8 @@ def run_training(cfg: TrainConfig) -> int:
             if last is not None and last.kind == "failed":  # already printed once, as "error: ..."
                 return 2 if isinstance(e, ConfigError) or _is_known_error(e) else 1
             raise
+    if not procs.is_main:
+        return 0 if result.status == "finished" else 130
     if result.status == "finished":
         name = result.lora_path.stem
         print(f"\nDone: {result.lora_path}\nCopy it into your WebUI's models/Lora folder and prompt with "

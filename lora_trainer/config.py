@@ -144,6 +144,9 @@ class TrainConfig:
     validation_split: float = _opt(0.0, "text-generation: held-out fraction for validation loss", min=0.0, max=0.5)
     early_stopping_patience: int = _opt(0, "text-generation: stop after N validations without improvement (0: off)",
                                         min=0)
+    load_in_4bit: bool = _opt(False, "text-generation: QLoRA, the base model in 4 bits (nf4, double quantization, "
+                                     "bf16 compute; needs a CUDA GPU and bitsandbytes)")
+    load_in_8bit: bool = _opt(False, "text-generation: the base model in 8 bits (needs a CUDA GPU and bitsandbytes)")
 
     # ---------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -199,6 +202,11 @@ class TrainConfig:
             raise ConfigError(f"bucket_reso_steps: {self.bucket_reso_steps} must be a multiple of 8")
         if self.output_name is not None:
             check_output_name(self.output_name)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both true: choose one (4 bits is QLoRA)")
+        if (self.load_in_4bit or self.load_in_8bit) and self.task_type != "text-generation":
+            raise ConfigError(f"load_in_{4 if self.load_in_4bit else 8}bit is for task_type: text-generation (the "
+                              f"Stable Diffusion trainer does not quantize its base model)")
         if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
             raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
 

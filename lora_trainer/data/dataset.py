@@ -48,6 +48,7 @@ class Dataset:
         for item in self.items:
             item.bucket = self.bucketer.assign(item.width, item.height)
         self._excluded: set[int] = set()
+        self.batch_size = int(cfg.batch_size)  # the global batch: batch_size x processes (set_global_batch)
         self._batches: OrderedDict[int, list[list[int]]] = OrderedDict()
         self._digests: dict[tuple, str] = {}
 
@@ -68,6 +69,12 @@ class Dataset:
         return not (self.cfg.flip_aug or self.cfg.random_crop)
 
     # ---- epochs -----------------------------------------------------------------------------------
+    def set_global_batch(self, size: int) -> None:
+        """Batches of `size` draws (batch_size x processes in a data-parallel run; each process takes its slice)."""
+        if int(size) != self.batch_size:
+            self.batch_size = int(size)
+            self._batches.clear()
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Batches of item indices for one epoch; each item appears `repeats` times, each batch holds one
         bucket only, and the order is a pure function of (seed, epoch)."""
@@ -76,7 +83,7 @@ class Dataset:
             per_bucket: dict[tuple[int, int], list[int]] = {}
             for i in self.active_indices():
                 per_bucket.setdefault(self.items[i].bucket, []).extend([i] * self.items[i].repeats)
-            size = int(self.cfg.batch_size)
+            size = self.batch_size
             batches: list[list[int]] = []
             for bucket in sorted(per_bucket):
                 draws = per_bucket[bucket]

@@ -51,7 +51,8 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
                       num_images: int, num_samples: int, epoch: int, step: int, max_steps: int,
                       tag_frequency: Optional[dict] = None, dataset_dirs: Optional[dict] = None,
                       reg_dataset_dirs: Optional[dict] = None, bucket_info: Optional[dict] = None,
-                      num_epochs: Optional[int] = None, batches_per_epoch: Optional[int] = None) -> dict[str, str]:
+                      num_epochs: Optional[int] = None, batches_per_epoch: Optional[int] = None,
+                      num_processes: int = 1) -> dict[str, str]:
     """Every value a string (safetensors metadata); names as kohya writes them."""
     w, h = cfg.resolution_wh
     network_args = {}
@@ -94,6 +95,8 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_batch_size_per_device": cfg.batch_size,
+        "ss_total_batch_size": cfg.batch_size * num_processes * cfg.gradient_accumulation_steps,
+        "ss_num_processes": num_processes,
         "ss_resolution": f"({w}, {h})",
         "ss_enable_bucket": cfg.enable_bucket,
         "ss_min_bucket_reso": cfg.min_bucket_reso,

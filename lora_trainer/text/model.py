@@ -66,12 +66,13 @@ def load_tokenizer(source: str, key: str = "base_model"):
     return tok
 
 
-def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, key: str = "base_model"):
+def load_causal_lm(source: str, dtype: torch.dtype = torch.float32, key: str = "base_model", **load_options):
+    """load_options: further from_pretrained arguments (quantization.quantization_kwargs)."""
     from transformers import AutoModelForCausalLM
 
     _check_source(source, key)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **{_dtype_kwarg(): dtype})
+        model = AutoModelForCausalLM.from_pretrained(source, **{_dtype_kwarg(): dtype}, **load_options)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot load a causal language model from {source}: {e}") from None
     return model
@@ -235,9 +236,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def save_adapter_files(model, tokenizer, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-    """adapter_model.safetensors + adapter_config.json (peft's save_pretrained) + tokenizer files into folder."""
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "lora_" in k}
+def save_adapter_files(model, tokenizer, folder: Path, dtype: torch.dtype = torch.float32,
+                       weights: Optional[dict] = None) -> None:
+    """adapter_model.safetensors + adapter_config.json (peft's save_pretrained) + tokenizer files into folder.
+    weights: the LoRA weights whole, when the model's own are shards (FSDP)."""
+    source = weights if weights is not None else model.state_dict()
+    state = {k: v.detach().to(dtype) for k, v in source.items() if "lora_" in k}
     model.save_pretrained(str(folder), safe_serialization=True, state_dict=state, save_embedding_layers=False)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -17,13 +18,16 @@ from ..config import ConfigError, TrainConfig
 from ..train.control import StopFlag
 from ..train.events import EventBus, StepTimer
 from ..train.optim import make_optimizer, make_scheduler
+from ..train.distributed import effective_batch_note, resume_note
 from ..train.state import (CONFIG_FILE, find_latest_checkpoint, load_checkpoint, prune_checkpoints, resolve_resume,
-                           save_checkpoint, set_rng_state)
+                           rng_state, save_checkpoint, set_rng_state)
 from ..train.tblog import ScalarLog
 from ..train.errors import TrainingFailed
 from .dataset import build_dataset, collate, epoch_batches, steps_per_epoch
 from ..fsutil import free_path, write_folder_atomically
 from .model import SAVE_DTYPES, add_lora, load_causal_lm, load_tokenizer, save_adapter_files, trainable_state
+from .quantization import check_quantization, prepare_quantized, quantization_kwargs, quantization_note
+from .sharding import SavedState, ShardedModel, fsdp_requested
 from .templates import IGNORE_INDEX, template_note
 
 MAX_ISSUE_MESSAGES = 20
@@ -42,11 +46,12 @@ class TextTrainingError(TrainingFailed):
     """Training could not go on (e.g. the loss became NaN); the message says what to do."""
 
 
-def train_text(cfg: TrainConfig, events: EventBus, stop: Optional[StopFlag] = None) -> Path:
+def train_text(cfg: TrainConfig, events: EventBus, stop: Optional[StopFlag] = None, processes=None) -> Path:
     """Trains a LoRA adapter for a causal LM. Returns the adapter folder (output_dir/output_name), or the
-    checkpoint folder when the stop flag ended the run early. Emits `failed` and re-raises on any error."""
+    checkpoint folder when the stop flag ended the run early. Emits `failed` and re-raises on any error.
+    processes: a data-parallel run's Processes (train/distributed.py); a single process by default."""
     try:
-        return _TextRun(cfg, events, stop if stop is not None else StopFlag()).run()
+        return _TextRun(cfg, events, stop if stop is not None else StopFlag(), processes).run()
     except (ConfigError, TextTrainingError) as e:
         if not getattr(e, "_reported", False):
             events.emit("failed", message=str(e))
@@ -89,8 +94,12 @@ def _n_targets(labels: torch.Tensor) -> int:
 
 
 class _TextRun:
-    def __init__(self, cfg: TrainConfig, events: EventBus, stop: StopFlag):
+    def __init__(self, cfg: TrainConfig, events: EventBus, stop: StopFlag, processes=None):
+        from ..train.distributed import Processes
+
         self.cfg, self.events, self.stop = cfg, events, stop
+        self.procs = processes if processes is not None else Processes.single()
+        self.stop_synced = False
         self.out_dir = Path(cfg.output_dir)
         self.last_checkpoint: Optional[Path] = None
         self.best_weights: Optional[dict] = None
@@ -106,7 +115,8 @@ class _TextRun:
         cfg.require("base_model", "train_data_dir")
         if cfg.task_type != "text-generation":
             self.msg(f"task_type is {cfg.task_type!r}; training a text-generation LoRA anyway")
-        self.device = resolve_device(cfg.device)
+        self.device = self.procs.device if self.procs.distributed else resolve_device(cfg.device)
+        check_quantization(cfg, self.device)  # before anything loads: a missing GPU costs a second, not a model load
         self._precision()
         resume = resolve_resume(cfg.resume_from_checkpoint, self.out_dir)
         if resume is None and find_latest_checkpoint(self.out_dir) is not None:
@@ -124,9 +134,13 @@ class _TextRun:
             self.msg(note)
 
         torch.manual_seed(cfg.seed)  # the LoRA initialisation
-        model = load_causal_lm(cfg.base_model, dtype=self.model_dtype)
+        quantization = quantization_kwargs(cfg, self.device)
+        model = load_causal_lm(cfg.base_model, dtype=self.model_dtype, **quantization)
         model.config.use_cache = False
-        if cfg.gradient_checkpointing:
+        if quantization:
+            prepare_quantized(model, cfg)
+            self.msg(quantization_note(cfg))
+        elif cfg.gradient_checkpointing:
             # transformers 5 renamed it activation_checkpointing_enable; 4.30 takes no arguments
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
@@ -138,25 +152,34 @@ class _TextRun:
         base_path = Path(cfg.base_model).expanduser()
         if base_path.is_dir():  # so that merge finds the base model from anywhere
             model.peft_config["default"].base_model_name_or_path = str(base_path.resolve())
-        self.model = model.to(self.device)
+        self.model = model if quantization else model.to(self.device)  # a quantized model is placed as it loads
+        self.procs.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+        self.sharded = None
+        if fsdp_requested():
+            self.sharded = ShardedModel(model, self.procs)
+            self.msg(f"FSDP: the model is sharded over {self.procs.world} processes ({self.sharded.blocks} blocks)")
         self.params = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in self.params)
 
-        self.spe = steps_per_epoch(len(self.data.train), cfg.batch_size, cfg.gradient_accumulation_steps)
+        self.global_batch = cfg.batch_size * self.procs.world
+        self.spe = steps_per_epoch(len(self.data.train), self.global_batch, cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_train_steps or cfg.epochs * self.spe
         self.optimizer = make_optimizer(cfg, [{"params": self.params, "lr": cfg.learning_rate}])
         self.scheduler = make_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
         if resume is not None:
             self._resume(resume)
-        self.log = ScalarLog(Path(cfg.logging_dir or self.out_dir / "logs") if cfg.log_with == "tensorboard"
-                             else None)
+        self.log = ScalarLog(Path(cfg.logging_dir or self.out_dir / "logs")
+                             if cfg.log_with == "tensorboard" and self.procs.is_main else None)
+        batch_note = effective_batch_note(cfg.batch_size, self.procs.world, cfg.gradient_accumulation_steps)
         self.events.emit("started", step=self.p["global_step"], total_steps=self.total_steps,
                          epoch=self.p["epoch"] + 1,
                          message=f"text-generation LoRA on {cfg.base_model}: rank {cfg.lora_rank}, targets "
                                  f"{', '.join(self.targets)}, {n_train:,} trainable parameters, {self.total_steps} "
-                                 f"steps on {self.device}" + (f", resumed from {resume}" if resume else ""),
-                         data={"targets": self.targets, "trainable_params": n_train})
+                                 f"steps on {self.device}, {batch_note}"
+                                 + (f" on {self.procs.world} processes" if self.procs.distributed else "")
+                                 + (f", resumed from {resume}" if resume else ""),
+                         data={"targets": self.targets, "trainable_params": n_train, "processes": self.procs.world})
         try:
             result = self._loop()
         finally:
@@ -206,20 +229,22 @@ class _TextRun:
         if (folder / CONFIG_FILE).is_file():
             saved_cfg = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8")) or {}
         changed = [k for k in RESUME_KEYS if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
-        ck = load_checkpoint(folder)
+        ck = load_checkpoint(folder, rank=self.procs.rank)
         weights = ck["weights"]
         own = trainable_state(self.model)
         if set(weights) != set(own):
             raise ConfigError(f"resume_from_checkpoint: {folder} holds other LoRA weights than this run creates "
                               f"(lora_rank, target_modules or base_model differ: "
                               f"{', '.join(k for k in changed) or 'see config.yaml there'})")
-        with torch.no_grad():
-            for name, p in own.items():
-                if weights[name].shape != p.shape:
-                    raise ConfigError(f"resume_from_checkpoint: {folder}: {name} has shape "
-                                      f"{tuple(weights[name].shape)}, this run {tuple(p.shape)} (lora_rank differs?)")
-                p.copy_(weights[name].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(ck["optim"]["optimizer"])
+        for name, p in own.items():
+            if weights[name].shape != p.shape:
+                raise ConfigError(f"resume_from_checkpoint: {folder}: {name} has shape "
+                                  f"{tuple(weights[name].shape)}, this run {tuple(p.shape)} (lora_rank differs?)")
+        self._set_weights(weights)
+        if self.sharded is not None:
+            self.sharded.load_optimizer_state(self.optimizer, ck["optim"]["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ck["optim"]["optimizer"])
         self.scheduler.load_state_dict(ck["optim"]["scheduler"])
         if self.scaler is not None and ck["optim"].get("scaler"):
             self.scaler.load_state_dict(ck["optim"]["scaler"])
@@ -235,6 +260,13 @@ class _TextRun:
 
             self.best_weights = load_file(str(folder / BEST_FILE))
         self.last_checkpoint = folder
+        saved_batch = ck["progress"].get("global_batch")
+        note = resume_note(int(ck["progress"].get("num_processes", 1)), saved_batch, self.procs.world,
+                           self.global_batch)
+        if note:
+            self.msg(note)
+            if saved_batch and saved_batch != self.global_batch:  # the same samples seen, in the new batches
+                self.p["micro"] = self.p["micro"] * saved_batch // self.global_batch
         if changed:
             self.msg(f"resuming with changed {', '.join(changed)}: the continuation is not exact")
         self.msg(f"resumed from {folder} at step {self.p['global_step']}")
@@ -249,7 +281,7 @@ class _TextRun:
         while not p["early_stopped"] and p["global_step"] < self.total_steps:
             if cfg.max_train_steps is None and p["epoch"] >= cfg.epochs:
                 break
-            batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, p["epoch"])
+            batches = epoch_batches(n_train, self.global_batch, cfg.seed, p["epoch"])
             for w0 in range(0, len(batches), accum):
                 w1 = min(w0 + accum, len(batches))
                 if w1 <= p["micro"]:
@@ -266,7 +298,7 @@ class _TextRun:
                 if cfg.save_steps and step % cfg.save_steps == 0:
                     self._checkpoint()
                     saved = True
-                if self.stop.is_set():
+                if (self.stop_synced if self.procs.distributed else self.stop.is_set()):
                     folder = self.last_checkpoint if saved else self._checkpoint()
                     self.events.emit("stopped", step=step, total_steps=self.total_steps, epoch=p["epoch"] + 1,
                                      path=str(folder),
@@ -287,21 +319,38 @@ class _TextRun:
         return self._finish()
 
     def _step(self, window: list[list[int]]) -> tuple[float, float, Optional[float]]:
-        cfg = self.cfg
-        batches = [collate([self.data.train[i] for i in mb], self.pad_id) for mb in window]
-        n_tokens = sum(_n_targets(b["labels"]) for b in batches)
+        """One optimizer step over a window of global micro-batches; this process trains its share of each, and
+        the loss is normalised by the target tokens of the whole window on every process."""
+        cfg, procs = self.cfg, self.procs
+        n_tokens = sum(self.data.train[i].n_targets for mb in window for i in mb)
         lr = float(self.optimizer.param_groups[0]["lr"])
         total = 0.0
-        for b in batches:
+        sharded = self.sharded is not None
+        for mb in window:
+            share = procs.share(len(mb), cfg.batch_size)
+            if not share.size and not sharded:
+                continue
+            # under FSDP every process runs every forward and backward (they gather the shards): an empty share
+            # runs the batch's first sample with weight 0
+            items = mb[share.start:share.end] or mb[:1]
+            b = collate([self.data.train[i] for i in items], self.pad_id)
             b = {k: v.to(self.device) for k, v in b.items()}
             with self._autocast():
                 logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            s = loss_sum(logits, b["labels"])
-            if not torch.isfinite(s):
+            s = loss_sum(logits, b["labels"]) * (1.0 if share.size else 0.0)
+            if not procs.distributed and not torch.isfinite(s):
                 self._nan(s)
-            loss = s / n_tokens
+            # FSDP averages the gradients over the processes; the others are summed below
+            loss = s * (procs.world if sharded else 1) / n_tokens
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += float(s.detach())
+        total, stops = procs.sum_gradients([] if sharded else self.params,
+                                           [total, 1.0 if self.stop.is_set() else 0.0])
+        self.stop_synced = stops > 0
+        if self.stop_synced and not self.stop.is_set():
+            self.stop.set("stop requested by another process")
+        if not math.isfinite(total):
+            self._nan(torch.tensor(total))
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -357,8 +406,7 @@ class _TextRun:
         if improved:
             p.update(best_val=val_loss, best_step=step, best_epoch=p["epoch"] + 1, bad_validations=0)
             if early_stopping:
-                self.best_weights = {k: v.detach().to("cpu", torch.float32).clone()
-                                     for k, v in trainable_state(self.model).items()}
+                self.best_weights = self._weights()
         else:
             p["bad_validations"] += 1
         self.log.scalars(step, **{"loss/val": val_loss})
@@ -372,6 +420,20 @@ class _TextRun:
         return val_loss
 
     # ---- saving ---------------------------------------------------------------------------------------
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The trainable weights, whole, fp32, on the CPU (under FSDP every process must ask: they are gathered)."""
+        if self.sharded is not None:
+            return self.sharded.full_trainable()
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in trainable_state(self.model).items()}
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.sharded is not None:
+            self.sharded.load_trainable(weights)
+            return
+        with torch.no_grad():
+            for k, v in trainable_state(self.model).items():
+                v.copy_(weights[k].to(v.device, v.dtype))
+
     def _save_dtype(self) -> torch.dtype:
         return SAVE_DTYPES.get(self.cfg.save_precision, torch.float32)
 
@@ -380,14 +442,24 @@ class _TextRun:
 
         step = self.p["global_step"]
         folder = self.out_dir / f"checkpoint-{step}"
-        extra = {"adapter": lambda path: save_adapter_files(self.model, self.tokenizer, path, self._save_dtype())}
+        rank_rngs = self.procs.gather(rng_state()) if self.procs.distributed else None
+        weights = self._weights()
+        optimizer = self.optimizer
+        if self.sharded is not None:  # gathered by every process
+            optimizer = SavedState(self.sharded.optimizer_state(self.optimizer))
+        if not self.procs.is_main:
+            self.last_checkpoint = folder
+            return folder
+        extra = {"adapter": lambda path: save_adapter_files(self.model, self.tokenizer, path, self._save_dtype(),
+                                                            weights)}
         if self.best_weights is not None:
             extra[BEST_FILE] = lambda path: save_file(self.best_weights, str(path))
-        save_checkpoint(folder, weights=trainable_state(self.model), optimizer=self.optimizer,
+        save_checkpoint(folder, weights=weights, optimizer=optimizer,
                         scheduler=self.scheduler, scaler=self.scaler,
                         progress=dict(self.p, total_steps=self.total_steps, task_type="text-generation",
-                                      train_units=len(self.data.train),
-                                      target_modules=self.targets), cfg=self.cfg, extra_files=extra)
+                                      train_units=len(self.data.train), target_modules=self.targets,
+                                      num_processes=self.procs.world, global_batch=self.global_batch),
+                        cfg=self.cfg, extra_files=extra, rank_rngs=rank_rngs)
         self.last_checkpoint = folder
         removed = prune_checkpoints(self.out_dir, self.cfg.save_last_n_checkpoints)
         if self.last_checkpoint in removed:  # cannot happen with keep >= 1, but keep the reference honest
@@ -400,10 +472,7 @@ class _TextRun:
         cfg, p = self.cfg, self.p
         note = ""
         if self.best_weights is not None and p["best_step"] != p["global_step"]:
-            own = trainable_state(self.model)
-            with torch.no_grad():
-                for k, v in own.items():
-                    v.copy_(self.best_weights[k].to(v.device, v.dtype))
+            self._set_weights(self.best_weights)
             note = f" (weights of epoch {p['best_epoch']}, best validation loss {p['best_val']:.4f})"
         target = self.out_dir / cfg.name
         if target.exists() and not cfg.overwrite:
@@ -412,8 +481,11 @@ class _TextRun:
                      f"replace it)")
             target = new
         dtype = self._save_dtype()
-        write_folder_atomically(target, lambda tmp: save_adapter_files(self.model, self.tokenizer, tmp, dtype),
-                                replace=cfg.overwrite)
+        weights = self._weights() if self.sharded is not None else None  # gathered by every process
+        if not self.procs.is_main:
+            return target
+        write_folder_atomically(target, lambda tmp: save_adapter_files(self.model, self.tokenizer, tmp, dtype,
+                                                                       weights), replace=cfg.overwrite)
         self.events.emit("finished", step=p["global_step"], total_steps=self.total_steps,
                          epoch=p["epoch"] + (1 if p["micro"] else 0),
                          path=str(target), message=f"saved the LoRA adapter to {target}{note}",

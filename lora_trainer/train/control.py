@@ -34,17 +34,27 @@ class StopFlag:
 
 
 @contextmanager
-def stop_on_signals(flag: StopFlag):
-    """The first Ctrl-C / SIGTERM asks the loop to checkpoint and stop; a second Ctrl-C aborts at once."""
+def stop_on_signals(flag: StopFlag, same_signal_within_s: float = 0.0):
+    """The first Ctrl-C / SIGTERM asks the loop to checkpoint and stop; a second Ctrl-C aborts at once.
+
+    same_signal_within_s: a signal that follows the first this soon is the same request (under torchrun or
+    accelerate launch the terminal's Ctrl-C reaches each process, and the launcher passes it on again)."""
     if threading.current_thread() is not threading.main_thread():
         yield flag  # signal handlers can only live in the main thread; the UI uses flag.set()
         return
 
+    import time
+
     previous = {}
+    first = {"at": None}
 
     def handler(signum, frame):
+        now = time.monotonic()
+        if first["at"] is not None and now - first["at"] < same_signal_within_s:
+            return
         if flag.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        first["at"] = now
         flag.set(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping "
                  f"(press Ctrl-C again to abort without saving)")
 

@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU generator (identical on every device, and resumable)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+def sample_noise(shape: tuple, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
+    """Gaussian noise of `shape` (batch, channels, h, w) drawn on the CPU generator, in fp32 on the CPU
+    (identical on every device and process, and resumable)."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if noise_offset:
         # A per-channel constant lets the model learn to shift overall brightness (very dark/bright images).
-        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
-    return noise.to(latents.device, latents.dtype)
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:

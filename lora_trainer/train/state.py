@@ -31,6 +31,11 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIM_FILES = ("optimizer.json", "optimizer.safetensors")
 RNG_FILES = ("rng.json", "rng.safetensors")
+
+
+def rank_rng_files(rank: int) -> tuple[str, str]:
+    """RNG state of process `rank` of a data-parallel run (rank 0's is RNG_FILES)."""
+    return RNG_FILES if rank == 0 else (f"rng-rank{rank}.json", f"rng-rank{rank}.safetensors")
 LEGACY_OPTIM_FILE = "optimizer.pt"   # written by lora-trainer before the pickle-free format
 LEGACY_RNG_FILE = "rng.pt"
 CONFIG_FILE = "config.yaml"
@@ -71,14 +76,21 @@ def set_rng_state(state: Optional[dict[str, Any]], generator: Optional[torch.Gen
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
                     generator: Optional[torch.Generator] = None, progress: dict[str, Any], cfg: TrainConfig,
-                    extra_files: Optional[dict[str, Any]] = None) -> Path:
-    """extra_files: name -> callable(path) that writes an additional file (e.g. the kohya LoRA)."""
+                    extra_files: Optional[dict[str, Any]] = None, rank_rngs: Optional[list] = None) -> Path:
+    """extra_files: name -> callable(path) that writes an additional file (e.g. the kohya LoRA).
+    rank_rngs: in a data-parallel run, every process's rng_state() (index = rank); the shared generator's
+    state is added to each."""
     def write(tmp: Path) -> None:
         write_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()},
                           tmp / WEIGHTS_FILE)
         save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, *(tmp / f for f in OPTIM_FILES))
         save_state(rng_state(generator), *(tmp / f for f in RNG_FILES))
+        for rank, state in enumerate(rank_rngs or []):
+            if rank and state is not None:
+                if generator is not None:
+                    state = dict(state, generator=generator.get_state())
+                save_state(state, *(tmp / f for f in rank_rng_files(rank)))
         atomic_write_text(tmp / STATE_FILE, json.dumps(progress, indent=2))
         cfg.save_yaml(tmp / CONFIG_FILE)
         for name, writer in (extra_files or {}).items():
@@ -180,8 +192,9 @@ def saved_config(folder: Path) -> TrainConfig:
     return load_yaml(path)
 
 
-def load_checkpoint(folder: Path) -> dict[str, Any]:
-    """weights, optim, rng (None when an old-format RNG state could not be read safely), progress, notes."""
+def load_checkpoint(folder: Path, rank: int = 0) -> dict[str, Any]:
+    """weights, optim, rng (None when an old-format RNG state could not be read safely), progress, notes.
+    rank: the process of a data-parallel run whose RNG state is wanted (rank 0's when it has none saved)."""
     folder = Path(folder)
     notes: list[str] = []
     try:
@@ -199,7 +212,8 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     if all((folder / f).is_file() for f in OPTIM_FILES):
         try:
             optim = load_state(*(folder / f for f in OPTIM_FILES))
-            rng = load_state(*(folder / f for f in RNG_FILES))
+            own = rank_rng_files(rank)
+            rng = load_state(*(folder / f for f in (own if (folder / own[0]).is_file() else RNG_FILES)))
         except StateFormatError as e:
             raise ConfigError(f"resume_from_checkpoint: {folder}: {e}; resume from an earlier checkpoint-* "
                               f"folder") from None

@@ -23,6 +23,7 @@ from ..network.kohya_file import new_session_id, save_lora, training_metadata, w
 from ..network.lora import LoraNetwork
 from . import state as ckpt
 from .control import StopFlag, StopRequested
+from .distributed import Processes, effective_batch_note, requested_engine, resume_note
 from .memory_plan import memory_note, vae_chunk
 from .run_guards import (disk_space_for_run, failure_message, new_run_name, read_init_lora,
                          set_aside_earlier_run, write_message)
@@ -61,12 +62,14 @@ def pick_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, events: Optional[EventBus] = None, stop: Optional[StopFlag] = None,
                  model: Optional[BaseModel] = None, log=None, keep_network: bool = False,
-                 earlier_run: str = "refuse"):
+                 earlier_run: str = "refuse", processes: Optional[Processes] = None):
         """model: a BaseModel to train on (a host's); its LoRA layers are taken out again when the run ends,
         leaving the modules as they were, unless keep_network (tests that inspect the trained network).
         earlier_run: what a new (not resumed) run does with checkpoints of an earlier run in output_dir:
         "refuse" (say how to resume or start over; overwrite: true moves them aside) or "archive" (move them
-        aside, the tab's Start)."""
+        aside, the tab's Start).
+        processes: the processes of a data-parallel run (distributed.py; the CLI under torchrun / accelerate
+        launch); a single process by default, as in a WebUI."""
         self._earlier_run = earlier_run
         if cfg.task_type != "text-to-image":
             raise ConfigError(f"task_type {cfg.task_type!r} is trained by lora_trainer.text, not this trainer")
@@ -78,7 +81,11 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.network: Optional[LoraNetwork] = None
         self._remove_network = model is not None and not keep_network
-        self.device = pick_device(cfg.device)
+        self.procs = processes if processes is not None else Processes.single()
+        if requested_engine() == "FSDP":
+            raise ConfigError("FSDP (configs/accelerate/fsdp.yaml) shards text-generation models; a Stable Diffusion "
+                              "UNet fits one GPU: launch with configs/accelerate/multi_gpu.yaml (data parallel)")
+        self.device = self.procs.device if self.procs.distributed else pick_device(cfg.device)
 
     def log(self, msg: str) -> None:
         self._log(msg)
@@ -134,7 +141,9 @@ class Trainer:
     def _vae_fingerprint(self) -> str:
         w = next(self.model.vae.parameters())
         h = hashlib.sha256(w.detach().float().cpu().numpy().tobytes()[:65536])
-        h.update(repr(dict(self.model.vae.config)).encode())
+        # private keys left out: diffusers' _use_default_values is a set, in another order in every process
+        config = {k: v for k, v in dict(self.model.vae.config).items() if not str(k).startswith("_")}
+        h.update(repr(sorted(config.items())).encode())
         return h.hexdigest()[:16]
 
     @torch.no_grad()
@@ -145,13 +154,31 @@ class Trainer:
         return (dist.mean * vae.config.scaling_factor).float()
 
     def _cache_latents(self, ds, cache) -> None:
-        from ..data import ImageLoadError
-
         todo = [i for i in ds.active_indices() if self._latent_key(ds, i) not in cache]
         if not todo:
             self.log(f"latents: all {len(ds.items)} cached")
             return
+        procs = self.procs
+        if procs.distributed:  # each process encodes its part into the shared disk cache
+            failed = self._encode_into(ds, cache, procs.split(todo), stoppable=False)
+            for part in procs.gather(failed):  # every process leaves out the same damaged images
+                for i, reason in part:
+                    ds.exclude(i, reason)
+            procs.barrier()
+            self.log(f"latents: {len(todo)} images encoded by {procs.world} processes, "
+                     f"{len(ds.items) - len(todo)} from cache")
+            return
         started = time.perf_counter()
+        for i, reason in self._encode_into(ds, cache, todo):
+            ds.exclude(i, reason)
+        rate = len(todo) / max(time.perf_counter() - started, 1e-9)
+        self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
+
+    def _encode_into(self, ds, cache, todo: list[int], stoppable: bool = True) -> list[tuple[int, str]]:
+        """Encodes the images `todo` into the cache; returns those that failed to decode, with the reason."""
+        from ..data import ImageLoadError
+
+        failed: list[tuple[int, str]] = []
         # Images of one bucket share a shape, so they are encoded together (much faster on a GPU).
         by_bucket: dict[tuple, list[int]] = {}
         for i in todo:
@@ -166,14 +193,14 @@ class Trainer:
                         loaded.append(i)
                     except ImageLoadError as e:  # the scan reads headers only; some damage shows when decoding
                         self.log(f"skipped {e}")
-                        ds.exclude(i, e.reason)
+                        failed.append((i, e.reason))
                 if loaded:
                     latents = self._encode_latents(torch.stack(pixels)).cpu()
                     for i, latent in zip(loaded, latents):
                         cache.put(self._latent_key(ds, i), latent.clone())
-                self.stop.check()
-        rate = len(todo) / max(time.perf_counter() - started, 1e-9)
-        self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
+                if stoppable:  # a data-parallel run stops at its first step instead, all processes together
+                    self.stop.check()
+        return failed
 
     def _latent_key(self, ds, i: int) -> str:
         return f"{ds.cache_key(i)}-{self._vae_fp}"
@@ -222,10 +249,8 @@ class Trainer:
         resume_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
         if resume_from:
             ckpt.check_resume_compatible(resume_from, cfg)
-        else:
-            set_aside_earlier_run(cfg, self.output_dir, self._earlier_run == "archive", self.log)
-        for leftover in remove_leftovers(self.output_dir):
-            self.log(f"removed {leftover.name}, left by an interrupted save")
+        procs = self.procs
+        procs.main_first(lambda: self._tidy_output_dir(resume_from), (ConfigError, OSError))
 
         owns_model = self.model is None
         autocast_dtype = self._precision()
@@ -258,15 +283,20 @@ class Trainer:
         if init_lora is not None:
             network.load_state_dict(init_lora, source=f"init_lora_weights {Path(cfg.init_lora_weights).name}")
             self.log(f"starting from {cfg.init_lora_weights} (incremental training)")
+        procs.broadcast_parameters(network.parameters())
         self.stop.check()
 
         ds = build_dataset(cfg, log=self.log)
+        ds.set_global_batch(cfg.batch_size * procs.world)
         use_cache = cfg.cache_latents and ds.cacheable
         cache = None
         if use_cache:
             folder = None
-            if cfg.cache_latents_to_disk:
+            if cfg.cache_latents_to_disk or procs.distributed:
                 folder = Path(cfg.cache_dir) if cfg.cache_dir else self.output_dir / "cache"
+                if not cfg.cache_latents_to_disk:
+                    self.log(f"latents are cached on disk ({folder}) so that the {procs.world} processes share "
+                             f"one cache, each encoding its part")
             cache = LatentCache(folder)
             self._cache_latents(ds, cache)
         else:
@@ -300,15 +330,16 @@ class Trainer:
             scaler = torch.amp.GradScaler("cuda")
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
 
-        space = disk_space_for_run(cfg, self.output_dir, sum(p.numel() for p in network.parameters()),
-                                   total_steps, epochs)
+        n_weights = sum(p.numel() for p in network.parameters())
+        space = procs.is_main and disk_space_for_run(cfg, self.output_dir, n_weights, total_steps, epochs)
         if space:
             self.log("warning: " + space)
+        global_batch = cfg.batch_size * procs.world
 
         global_step, start_epoch, start_micro = 0, 0, 0
         resumed_progress = None
         if resume_from:
-            state = ckpt.load_checkpoint(resume_from)
+            state = ckpt.load_checkpoint(resume_from, rank=procs.rank)
             network.load_state_dict(state["weights"], source=f"checkpoint {resume_from}")
             optimizer.load_state_dict(state["optim"]["optimizer"])
             scheduler.load_state_dict(state["optim"]["scheduler"])
@@ -317,6 +348,12 @@ class Trainer:
             progress = resumed_progress = state["progress"]
             global_step, start_epoch, start_micro = progress["global_step"], progress["epoch"], progress["micro_step"]
             ckpt.set_rng_state(state["rng"], generator, fallback_seed=cfg.seed + global_step)
+            saved_batch = progress.get("global_batch", cfg.batch_size if "num_processes" not in progress else None)
+            note = resume_note(int(progress.get("num_processes", 1)), saved_batch, procs.world, global_batch)
+            if note:
+                self.log(note)
+                if saved_batch and saved_batch != global_batch:  # the same samples seen, in batches of the new size
+                    start_micro = min(len(ds.epoch_batches(start_epoch)), start_micro * saved_batch // global_batch)
             for note in state["notes"]:
                 self.log(note)
             if progress.get("total_steps") not in (None, total_steps):
@@ -327,18 +364,19 @@ class Trainer:
 
         tb_root = Path(cfg.logging_dir) if cfg.logging_dir else self.output_dir / "logs"
         tb_run = (resumed_progress or {}).get("tb_run") or new_run_name(tb_root, cfg.name)
-        tb = ScalarLog(tb_root / tb_run) if cfg.log_with == "tensorboard" else ScalarLog(None)
+        tb = ScalarLog(tb_root / tb_run if cfg.log_with == "tensorboard" and procs.is_main else None)
         if tb.unavailable:
             self.log(tb.unavailable)
         session_id = new_session_id()
-        prompts = load_prompts(cfg.sample_prompts)
+        prompts = load_prompts(cfg.sample_prompts) if procs.is_main else []
         sw, sh = sample_size(cfg)
         text_cache: OrderedDict[str, tuple] = OrderedDict()
         losses: list[float] = []
         last_checkpoint: Optional[Path] = None
         timer = StepTimer()
         timer.tick()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if procs.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
 
         def metadata(epoch: int, step: int) -> dict[str, str]:
             return training_metadata(cfg, model, session_id=session_id, started_at=started_at,
@@ -346,13 +384,17 @@ class Trainer:
                                      step=step, max_steps=total_steps, tag_frequency=ds.tag_frequency(),
                                      dataset_dirs=ds.dataset_dirs(), reg_dataset_dirs=ds.dataset_dirs(is_reg=True),
                                      num_epochs=epochs, batches_per_epoch=micro_per_epoch,
-                                     bucket_info=ds.bucket_info())
+                                     bucket_info=ds.bucket_info(), num_processes=procs.world)
 
         saved_at: dict[str, Optional[int]] = {"step": None}
 
         def save_checkpoint(epoch: int, micro: int) -> Path:
             folder = self.output_dir / f"checkpoint-{global_step}"
             if saved_at["step"] == global_step:  # a stop right after a scheduled save: it is on disk already
+                return folder
+            rank_rngs = procs.gather(ckpt.rng_state()) if procs.distributed else None  # every rank's own
+            if not procs.is_main:
+                saved_at["step"] = global_step
                 return folder
             weights = network.state_dict(torch.float32)
             lora_name = f"{cfg.name}-step{global_step:08d}.safetensors"
@@ -363,9 +405,11 @@ class Trainer:
             try:
                 ckpt.save_checkpoint(folder, weights=weights, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                      generator=generator, cfg=cfg, extra_files={lora_name: write_lora},
+                                     rank_rngs=rank_rngs,
                                      progress={"global_step": global_step, "epoch": epoch, "micro_step": micro,
                                                "total_steps": total_steps, "session_id": session_id,
-                                               "tb_run": tb_run})
+                                               "tb_run": tb_run, "num_processes": procs.world,
+                                               "global_batch": global_batch})
             except OSError as e:
                 where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                 raise TrainingFailed(f"{write_message(folder, e)}{where}. Free some space and resume") from None
@@ -377,7 +421,7 @@ class Trainer:
             return folder
 
         def samples(tag: str) -> None:
-            if not prompts or self.stop:
+            if not prompts or self.stop or not procs.is_main:
                 return
             try:
                 with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -397,12 +441,15 @@ class Trainer:
 
         self.events.emit("started", step=global_step, total_steps=total_steps,
                          message=f"training {model.describe()}: {len(ds.items)} images, {ds.num_samples} samples "
-                                 f"per epoch, {steps_per_epoch} steps per epoch, {total_steps} steps",
-                         data={"images": len(ds.items), "steps_per_epoch": steps_per_epoch, "epochs": epochs})
+                                 f"per epoch, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+                                 f"{effective_batch_note(cfg.batch_size, procs.world, accum)}"
+                                 + (f" on {procs.world} processes" if procs.distributed else ""),
+                         data={"images": len(ds.items), "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+                               "processes": procs.world, "effective_batch": global_batch * accum})
 
         status = "finished"
         epoch = start_epoch
-        params = network.parameters()
+        params = list(network.parameters())
         while epoch < epochs and global_step < total_steps:
             batches = ds.epoch_draws(epoch)
             micro = start_micro if epoch == start_epoch else 0
@@ -412,18 +459,26 @@ class Trainer:
                 group_end = min(len(batches), (micro // accum + 1) * accum)
                 n_in_group = group_end - micro
                 for m in range(micro, group_end):
-                    loss = self._forward(ds, batches[m], epoch, cache, generator, text_cache, autocast_dtype)
+                    share = procs.share(len(batches[m]), cfg.batch_size)
+                    loss = self._forward(ds, batches[m], share, epoch, cache, generator, text_cache, autocast_dtype)
+                    if loss is None:  # this process's slice of a last, small batch is empty
+                        continue
                     loss_value = loss.item()  # the one device sync of a micro-step
-                    if not math.isfinite(loss_value):
-                        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                        raise TrainingFailed(f"the loss became {loss_value} at step {global_step + 1}{where}. "
-                                             f"Lower the learning_rate, use mixed_precision: bf16 or no, or set "
-                                             f"max_grad_norm: 1.0")
+                    if share.weight != 1.0:  # the slice's part of the global batch mean
+                        loss, loss_value = loss * share.weight, loss_value * share.weight
                     scaled = loss / n_in_group
                     (scaler.scale(scaled) if scaler else scaled).backward()
                     accum_loss += loss_value
-                    accum_count += 1
                 micro = group_end
+                accum_loss, stops = procs.sum_gradients(params, [accum_loss, 1.0 if self.stop else 0.0])
+                accum_count = n_in_group
+                if not math.isfinite(accum_loss):
+                    where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                    raise TrainingFailed(f"the loss became {accum_loss} at step {global_step + 1}{where}. "
+                                         f"Lower the learning_rate, use mixed_precision: bf16 or no, or set "
+                                         f"max_grad_norm: 1.0")
+                if stops > 0 and not self.stop:
+                    self.stop.set("stop requested by another process")
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = None
@@ -453,7 +508,9 @@ class Trainer:
                 if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0 \
                         and global_step < total_steps:
                     samples(f"step{global_step:08d}")
-                if self.stop and global_step < total_steps:
+                # every rank decides on the flags summed with this step's gradients; one process on its own flag
+                stop_now = stops > 0 if procs.distributed else bool(self.stop)
+                if stop_now and global_step < total_steps:
                     last_checkpoint = save_checkpoint(*next_pos)
                     status = "stopped"
                     break
@@ -469,6 +526,8 @@ class Trainer:
                              message=f"stopped at step {global_step}/{total_steps} ({self.stop.reason}); the run "
                                      f"continues from {last_checkpoint}")
             return TrainResult("stopped", None, last_checkpoint, global_step, total_steps, losses)
+        if not procs.is_main:
+            return TrainResult("finished", None, last_checkpoint, global_step, total_steps, losses)
 
         self.phase("saving the LoRA", global_step, total_steps)
         try:
@@ -488,6 +547,13 @@ class Trainer:
                          message=f"LoRA saved: {final}", data={"name": final.stem})
         return TrainResult("finished", final, last_checkpoint, global_step, total_steps, losses)
 
+    def _tidy_output_dir(self, resume_from) -> None:
+        """Before a run writes into output_dir (the main process only, in a data-parallel run)."""
+        if not resume_from:
+            set_aside_earlier_run(self.cfg, self.output_dir, self._earlier_run == "archive", self.log)
+        for leftover in remove_leftovers(self.output_dir):
+            self.log(f"removed {leftover.name}, left by an interrupted save")
+
     def _final_save_failed(self, error: OSError, save_checkpoint, epoch: int, last_checkpoint) -> str:
         """The final LoRA could not be written: keep the trained weights as a resumable checkpoint if the disk
         allows it (resuming it only writes the LoRA), and say where things stand."""
@@ -502,10 +568,19 @@ class Trainer:
                 f"LoRA file is written then)")
 
     # --- one micro-batch ----------------------------------------------------------------------------
-    def _forward(self, ds, draws: list[tuple[int, int]], epoch: int, cache, generator, text_cache,
-                 autocast_dtype) -> torch.Tensor:
+    def _forward(self, ds, global_draws: list[tuple[int, int]], share, epoch: int, cache, generator, text_cache,
+                 autocast_dtype) -> Optional[torch.Tensor]:
+        """The loss of this process's share of one global batch (None when the share is empty). Noise and
+        timesteps are drawn for the whole global batch from the generator every process holds in the same
+        state, and sliced, so a draw gets the same noise whichever process trains it."""
         cfg, model = self.cfg, self.model
+        draws = global_draws[share.start:share.end]
         batch = [i for i, _ in draws]
+        if not draws:
+            shape = (share.total, *self._latent_shape(ds.items[global_draws[0][0]].bucket))
+            sample_noise(shape, generator, cfg.noise_offset)
+            sample_timesteps(share.total, model.noise_scheduler.config.num_train_timesteps, generator, "cpu")
+            return None
         if cache is not None:
             latents = torch.stack([cache.get(self._latent_key(ds, i)) for i in batch]).to(self.device)
             meta = [_center_crop_geometry(ds.items[i]) for i in batch]
@@ -515,9 +590,11 @@ class Trainer:
         captions = [ds.caption_for(i, epoch, pos) for i, pos in draws]
         weights = torch.tensor([ds.items[i].loss_weight for i in batch], dtype=torch.float32)
 
-        noise = sample_noise(latents, generator, cfg.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], model.noise_scheduler.config.num_train_timesteps, generator,
-                                     self.device)
+        part = slice(share.start, share.end)
+        noise = sample_noise((share.total, *latents.shape[1:]), generator, cfg.noise_offset)[part]
+        noise = noise.to(latents.device, latents.dtype)
+        timesteps = sample_timesteps(share.total, model.noise_scheduler.config.num_train_timesteps, generator,
+                                     "cpu")[part].to(self.device)
         noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(model.noise_scheduler, latents, noise, timesteps)
 
@@ -530,6 +607,10 @@ class Trainer:
                 kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
             pred = model.unet(noisy, timesteps, encoder_hidden_states=embeds, **kwargs).sample
         return diffusion_loss(pred, target, timesteps, model.noise_scheduler, cfg.min_snr_gamma, weights)
+
+    def _latent_shape(self, bucket) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
+        return self.model.unet.config.in_channels, bucket[1] // factor, bucket[0] // factor
 
     def _text(self, captions: list[str], text_cache: OrderedDict):
         cfg, model = self.cfg, self.model

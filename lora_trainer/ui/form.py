@@ -19,7 +19,7 @@ from ..config import TrainConfig, field_meta, from_dict
 MANAGED_ELSEWHERE = ("train_data_dir", "base_model")
 # Keys of text-generation training, which the image tab does not do (the CLI does).
 TEXT_GENERATION_KEYS = ("task_type", "max_seq_length", "prompt_template", "packing", "validation_split",
-                        "early_stopping_patience")
+                        "early_stopping_patience", "load_in_4bit", "load_in_8bit")
 # Basic fields in this order first (name first); any other "basic" key follows.
 BASIC_ORDER = ("output_name", "caption_prefix", "resolution", "lora_rank", "lora_alpha", "learning_rate",
                "batch_size", "epochs", "max_train_steps", "train_text_encoder", "output_dir")
