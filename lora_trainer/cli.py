@@ -162,8 +162,11 @@ def _run_training(cfg: TrainConfig, procs) -> int:
         return 0 if result.status == "finished" else 130
     if result.status == "finished":
         name = result.lora_path.stem
+        from .network.base import uses_peft
+
+        diffusers = f", or in diffusers: pipe.load_lora_weights('{result.lora_path}')" if uses_peft(cfg) else ""
         print(f"\nDone: {result.lora_path}\nCopy it into your WebUI's models/Lora folder and prompt with "
-              f"<lora:{name}:0.8>, or in diffusers: pipe.load_lora_weights('{result.lora_path}')")
+              f"<lora:{name}:0.8>{diffusers}")
     if result.status == "stopped" and result.checkpoint is not None:
         print(f"resume with the same command plus --resume_from_checkpoint {result.checkpoint} (or: latest)")
     return 0 if result.status == "finished" else 130

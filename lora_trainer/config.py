@@ -16,6 +16,18 @@ import yaml
 from .fsutil import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 
+NETWORK_TYPES = {
+    "lora": "LoRA: low-rank update of the attention and feed-forward layers; the smallest files, loads everywhere "
+            "(rank 8-32)",
+    "locon": "LoCon: LoRA that also adapts the ResNet convolutions; more texture and style detail (rank 8-32, "
+             "conv 4-16)",
+    "loha": "LoHa: Hadamard product of two low-rank pairs; more expressive per parameter, good for styles "
+            "(rank 4-16)",
+    "lokr": "LoKr: Kronecker product of a small and a large factor; tiny files, quick to learn a subject "
+            "(factor 8-16, rank 4-16 or full)",
+}
+
+
 class ConfigError(ValueError):
     """A config value a person has to fix; the message names the key, the value and what is allowed."""
 
@@ -110,11 +122,26 @@ class TrainConfig:
     lora_rank: int = _opt(16, "LoRA rank (network dim)", min=1, max=1024, group="basic")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha; scale is alpha/rank (default: rank, i.e. scale 1)",
                                        min=0.0, group="basic")
-    lora_dropout: float = _opt(0.0, "dropout on the LoRA path", min=0.0, max=1.0)
-    conv_lora: bool = _opt(False, "LoCon: also train the ResNet and up/down-sampler convolutions")
-    conv_rank: Optional[int] = _opt(None, "rank of the 3x3 conv LoRA (default: lora_rank)", min=1, max=1024)
-    conv_alpha: Optional[float] = _opt(None, "alpha of the 3x3 conv LoRA (default: conv_rank)", min=0.0)
-    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA)")
+    network_type: str = _opt("lora", "adapter type: lora (attention layers), locon (LoRA + the convolutions), loha "
+                             "(Hadamard product of two low-rank pairs), lokr (Kronecker product); see the README",
+                             choices=list(NETWORK_TYPES), group="basic")
+    lora_dropout: float = _opt(0.0, "dropout on the adapter's input (LoRA/LoCon: on the LoRA path)", min=0.0, max=1.0)
+    rank_dropout: float = _opt(0.0, "probability of dropping each rank (LoRA) or output row (LoHa/LoKr) of the update "
+                               "in a training step", min=0.0, max=1.0)
+    module_dropout: float = _opt(0.0, "probability of skipping a module's whole update in a training step", min=0.0,
+                                 max=1.0)
+    conv_lora: bool = _opt(False, "LoCon: also train the ResNet and up/down-sampler convolutions (the same as "
+                           "network_type: locon; LoHa and LoKr always do)")
+    conv_rank: Optional[int] = _opt(None, "rank of the 3x3 convolution adapters (conv_dim; default: lora_rank)", min=1,
+                                    max=1024)
+    conv_alpha: Optional[float] = _opt(None, "alpha of the 3x3 convolution adapters (default: conv_rank)", min=0.0)
+    use_dora: bool = _opt(False, "DoRA (weight-decomposed: a trained magnitude per input channel), for every "
+                          "network_type")
+    lokr_factor: int = _opt(-1, "LoKr: the size of the small Kronecker factor (-1: as square as possible; 4, 8, 16 "
+                            "are common)", min=-1)
+    decompose_both: bool = _opt(False, "LoKr: also split the small factor into two low-rank matrices")
+    lokr_full_rank: bool = _opt(False, "LoKr: keep the large factor w2 as a full matrix instead of a rank-r pair")
+    use_tucker: bool = _opt(False, "LoHa/LoKr: Tucker-decomposed 3x3 convolutions (hada_t1/t2, lokr_t2)")
     target_modules: Optional[list] = _opt(None, "module names to adapt (default: kohya's targets, or per "
                                           "architecture for text-generation)")
 
@@ -163,6 +190,15 @@ class TrainConfig:
     @property
     def effective_conv_alpha(self) -> float:
         return float(self.effective_conv_rank if self.conv_alpha is None else self.conv_alpha)
+
+    @property
+    def adapter_type(self) -> str:
+        """lora, locon, loha or lokr: conv_lora turns lora into locon (kept for older configs)."""
+        return "locon" if self.network_type == "lora" and self.conv_lora else self.network_type
+
+    @property
+    def trains_convs(self) -> bool:
+        return self.adapter_type != "lora"
 
     @property
     def resolution_wh(self) -> tuple[int, int]:
@@ -261,6 +297,11 @@ ALIASES = {
     "network_dim": "lora_rank",
     "network_alpha": "lora_alpha",
     "network_dropout": "lora_dropout",
+    "conv_dim": "conv_rank",
+    "algo": "network_type",
+    "factor": "lokr_factor",
+    "full_matrix": "lokr_full_rank",
+    "dora_wd": "use_dora",
     "train_batch_size": "batch_size",
     "max_train_epochs": "epochs",
     "num_train_epochs": "epochs",
@@ -380,6 +421,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
             value = OPTIMIZER_ALIASES.get(value.lower().replace("-", ""), value)
         if key == "log_with" and value in (None, False, "", "None"):
             value = "none"
+        if key == "network_type" and isinstance(value, str):
+            value = {"conv_lora": "locon", "lycoris": "locon", "hada": "loha", "kron": "lokr"}.get(
+                value.strip().lower(), value.strip().lower())
         if key == "conv_lora" and isinstance(value, int) and not isinstance(value, bool) and value > 1:
             # lora-scripts/kohya style: a number is the conv rank
             clean["conv_rank"] = value

@@ -124,9 +124,10 @@ def translate(flat: dict, source: str, base_dir: Path) -> tuple[dict, list[str]]
             if value not in (False, None, "", 0):  # switched off, it asks for nothing we lack
                 errors.append(f"{key}: {UNSUPPORTED[key]}")
         elif key == "network_module":
-            if str(value) not in ("networks.lora", "networks.dylora", ""):
-                errors.append(f"network_module {value!r}: only kohya's networks.lora is trained here (LoRA, LoCon "
-                              f"with conv_dim in network_args, DoRA with dora_wd=True)")
+            if str(value) not in ("networks.lora", "networks.dylora", "lycoris.kohya", ""):
+                errors.append(f"network_module {value!r}: kohya's networks.lora (LoRA, LoCon with conv_dim in "
+                              f"network_args, DoRA with dora_wd=True) and lycoris.kohya (algo=lora, locon, loha, "
+                              f"lokr) are trained here")
         elif key == "model_train_type":
             if str(value) not in TRAIN_TYPES or TRAIN_TYPES[str(value)] is None:
                 errors.append(f"model_train_type {value!r}: this trainer trains LoRAs (sd-lora, sdxl-lora)")
@@ -162,6 +163,12 @@ def translate(flat: dict, source: str, base_dir: Path) -> tuple[dict, list[str]]
     return out, notes
 
 
+# LyCORIS's network_args and the keys they set here.
+_LYCORIS_ARGS = {"factor": "lokr_factor", "decompose_both": "decompose_both", "full_matrix": "lokr_full_rank",
+                 "use_tucker": "use_tucker", "rank_dropout": "rank_dropout", "module_dropout": "module_dropout",
+                 "dropout": "lora_dropout"}
+
+
 def _network_args(value, notes: list[str]) -> dict:
     items = value if isinstance(value, list) else [value]
     out: dict[str, Any] = {}
@@ -174,10 +181,13 @@ def _network_args(value, notes: list[str]) -> dict:
             out["conv_alpha"] = float(arg)
         elif name == "dora_wd":
             out["use_dora"] = arg.lower() in ("true", "1", "yes")
-        elif name == "algo" and arg in ("lora", "locon"):
-            continue
+        elif name == "algo" and arg in ("lora", "locon", "loha", "lokr"):
+            out["network_type"] = arg
+        elif name in _LYCORIS_ARGS:
+            out[_LYCORIS_ARGS[name]] = arg
         else:
-            raise ConfigError(f"network_args {item!r}: not supported (conv_dim, conv_alpha and dora_wd are)")
+            raise ConfigError(f"network_args {item!r}: not supported (conv_dim, conv_alpha, dora_wd, algo=lora|locon|"
+                              f"loha|lokr, {', '.join(_LYCORIS_ARGS)} are)")
     return out
 
 

@@ -130,9 +130,14 @@ sdpa = true
     assert cfg.train_data_dir == str(tmp_path / "images") and cfg.reg_data_dir == str(tmp_path / "reg")
     assert (cfg.num_repeats, cfg.batch_size, cfg.keep_tokens, cfg.shuffle_caption) == (10, 2, 1, True)
     assert cfg.resolution_wh == (768, 768) and cfg.save_steps == 50 and cfg.lora_rank == 8
-    (tmp_path / "config.toml").write_text('network_module = "lycoris.kohya"\n')
+    (tmp_path / "config.toml").write_text('network_module = "networks.oft"\n')
     with pytest.raises(ConfigError, match="networks.lora"):
         load_toml_config(tmp_path / "config.toml")
+    (tmp_path / "config.toml").write_text('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8", '
+                                          '"decompose_both=True", "dora_wd=True", "conv_dim=4"]\n')
+    cfg, _ = load_toml_config(tmp_path / "config.toml")
+    assert (cfg.network_type, cfg.lokr_factor, cfg.decompose_both, cfg.use_dora, cfg.conv_rank) == ("lokr", 8, True,
+                                                                                                    True, 4)
 
 
 def test_cli_reads_toml_and_dumps_the_effective_config(tmp_path, capsys):

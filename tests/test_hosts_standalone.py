@@ -100,14 +100,14 @@ def test_lora_file_config_reads_the_network_shape(tiny_files, tmp_path):
                         conv_alpha=1, train_text_encoder=True)
     sd, meta = read_lora(path)
     cfg = lora_file_config(sd, meta)
-    assert (cfg.lora_rank, cfg.lora_alpha, cfg.conv_lora, cfg.conv_rank, cfg.conv_alpha) == (4, 2.0, True, 2, 1.0)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.adapter_type, cfg.conv_rank, cfg.conv_alpha) == (4, 2.0, "locon", 2, 1.0)
     assert cfg.train_text_encoder and cfg.train_unet and not cfg.use_dora
     net = apply_lora_file(model, path)
     loaded = net.state_dict()
     for k, v in sd.items():
         assert torch.equal(loaded[k], v.float()), k
     net.remove()
-    with pytest.raises(HostError, match="no LoRA weights"):
+    with pytest.raises(HostError, match="no LoRA, LoHa or LoKr weights"):
         lora_file_config({"x.alpha": torch.tensor(1.0)}, {})
     xl = load_base_model(str(tiny_files["sdxl"]), log_fn=quiet)
     with pytest.raises(HostError, match="does not fit this model"):

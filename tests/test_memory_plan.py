@@ -8,7 +8,7 @@ import torch
 from lora_trainer.config import TrainConfig
 from lora_trainer.models.meta import meta_model
 from lora_trainer.models.tiny import build_tiny, tiny_ldm_state_dict
-from lora_trainer.network.lora import LoraNetwork
+from lora_trainer.network.base import create_network
 from lora_trainer.train import memory_plan as mp
 
 
@@ -20,7 +20,7 @@ def cfg_of(**kw) -> TrainConfig:
 
 def _real_kept(model, cfg: TrainConfig, autocast) -> int:
     """What autograd keeps in a real forward pass of the tiny model with the run's LoRA (CPU tensors)."""
-    network = LoraNetwork(model, cfg)
+    network = create_network(model, cfg)
     try:
         modules = [model.unet, *model.text_encoders]
         kept = mp._Kept({p.untyped_storage()._cdata for m in modules for p in m.parameters()})
@@ -42,7 +42,7 @@ def test_the_meta_trace_keeps_what_a_real_forward_keeps(autocast):
     cfg = cfg_of(mixed_precision="bf16" if autocast else "no")
     real = _real_kept(model, cfg, autocast)
     meta = meta_model(model)
-    LoraNetwork(meta, cfg)
+    create_network(meta, cfg)
     traced = sum(mp._trace_training(meta, cfg, autocast))  # activations + autocast's copies of weights
     assert real > 0
     assert abs(traced / real - 1) < 0.15, (traced, real)
@@ -61,7 +61,7 @@ def test_the_estimate_scales_like_training_memory():
     with_te = mp.estimate_memory(model, cfg_of(batch_size=4, resolution=128, train_text_encoder=True), "cpu",
                                  resident=True)
     assert with_te.trainable > four.trainable and with_te.activations > four.activations
-    lora_params = sum(p.numel() for p in LoraNetwork(meta_model(model), cfg_of()).parameters())
+    lora_params = sum(p.numel() for p in create_network(meta_model(model), cfg_of()).parameters())
     assert four.trainable == lora_params * (4 + 4 + 8)  # fp32 weights, gradients, AdamW's two moments
     # resident weights are not extra; loaded ones are
     assert four.extra == four.peak - four.weights
@@ -160,3 +160,16 @@ def test_an_estimate_leaves_torch_alone_for_other_threads():
     worker.join()
     assert done.is_set() and runs > 0 and mismatches == 0
     assert F.scaled_dot_product_attention is sdpa and cp.checkpoint is checkpoint
+
+
+@pytest.mark.parametrize("kind", [dict(network_type="loha"), dict(network_type="lokr"), dict(use_dora=True)])
+def test_every_network_type_is_planned_and_traced_like_a_real_forward(kind):
+    model = build_tiny("sd1")
+    cfg = cfg_of(**kind)
+    real = _real_kept(model, cfg, None)
+    meta = meta_model(model)
+    create_network(meta, cfg)
+    traced = sum(mp._trace_training(meta, cfg, None))
+    assert abs(traced / real - 1) < 0.25, (kind, traced, real)
+    estimate = mp.estimate_memory(model, cfg, "cpu", resident=True)
+    assert estimate.trainable > 0 and estimate.activations > 0

@@ -12,6 +12,8 @@ from lora_trainer.ui.form import (MANAGED_ELSEWHERE, TEXT_GENERATION_KEYS, advan
                                   form_to_config)
 from lora_trainer.ui.jobs import JobRunner
 from lora_trainer.ui.plot import loss_curve
+from lora_trainer.config import NETWORK_TYPES
+from lora_trainer.ui.form import network_types_text
 from lora_trainer.ui.presets import GOALS, TIERS, preset
 
 from conftest import base_config, make_images
@@ -58,16 +60,21 @@ def test_form_round_trip_and_validation():
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", None])
 def test_every_preset_is_a_valid_config(family):
-    for tier, goal in itertools.product(TIERS, GOALS):
-        values = preset(tier, goal, family)
+    for tier, goal, kind in itertools.product(TIERS, GOALS, NETWORK_TYPES):
+        values = preset(tier, goal, family, kind)
         cfg = base_config(**values)  # validates every key and value
-        assert cfg.resolution == values["resolution"]
+        assert cfg.resolution == values["resolution"] and cfg.adapter_type == kind
     assert preset("24 GB+", "style", "sdxl")["resolution"] == 1024
     assert preset("6-8 GB", "character", "sdxl")["train_text_encoder"] is False  # too big for 8 GB on SDXL
     assert preset("6-8 GB", "style", "sd1")["gradient_checkpointing"] is True
     assert preset("24 GB+", "concept", "sd1")["batch_size"] > preset("6-8 GB", "concept", "sd1")["batch_size"]
     with pytest.raises(ValueError, match="unknown goal"):
         preset("16 GB", "landscape", "sd1")
+    assert preset("16 GB", "style", "sd1", "lokr")["lokr_factor"] == 8
+    with pytest.raises(ValueError, match="unknown network type"):
+        preset("16 GB", "style", "sd1", "oft")
+    text = network_types_text()  # the tab's one line per type
+    assert all(f"**{kind}**" in text for kind in NETWORK_TYPES) and len(text.splitlines()) == 5
 
 
 def test_dataset_listing_caption_editing_and_bulk_edits(tmp_path):

@@ -216,32 +216,78 @@ class StandaloneHost(Host):
 
 
 def lora_file_config(sd: dict, metadata: dict):
-    """A TrainConfig whose network matches a kohya LoRA file (rank, alpha, LoCon, DoRA, text encoder)."""
-    downs = {k[:-len(".lora_down.weight")]: v for k, v in sd.items() if k.endswith(".lora_down.weight")}
-    if not downs:
-        raise HostError("the file holds no LoRA weights (no *.lora_down.weight keys)")
+    """A TrainConfig whose network matches a kohya / LyCORIS file (type, rank, alpha, convolutions, DoRA, text
+    encoder, LoKr layout): from the tensors where they tell, else from the file's ss_network_* metadata."""
+    import json
+
+    from ..network.base import file_network_type
+
+    kind = file_network_type(sd)
+    if kind is None:
+        raise HostError("the file holds no LoRA, LoHa or LoKr weights (no *.lora_down.weight, hada_* or lokr_* keys)")
+    stems = {k.split(".", 1)[0] for k in sd}
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    args = args if isinstance(args, dict) else {}
 
     def alpha_of(stem: str, rank: int) -> float:
         a = sd.get(f"{stem}.alpha")
         return float(a) if a is not None else float(rank)
 
-    linear = {s: w for s, w in downs.items() if w.dim() == 2 or tuple(w.shape[2:]) == (1, 1)}
-    conv = {s: w for s, w in downs.items() if s not in linear}
+    def is_conv3x3(stem: str) -> bool:
+        return any(v.dim() == 4 and tuple(v.shape[2:]) != (1, 1) for k, v in sd.items()
+                   if k.startswith(stem + ".") and not k.endswith(".dora_scale")) or f"{stem}.hada_t1" in sd \
+            or f"{stem}.lokr_t2" in sd
+
+    def rank_of(stem: str):
+        for key, dim in (("lora_down.weight", 0), ("hada_w1_b", 0), ("lokr_w2_b", 0), ("lokr_w1_b", 0)):
+            if f"{stem}.{key}" in sd:
+                return int(sd[f"{stem}.{key}"].shape[dim])
+        return None
+
+    linear = sorted(s for s in stems if not is_conv3x3(s))
+    conv = sorted(s for s in stems if is_conv3x3(s))
     if not linear:
-        raise HostError("the file has only 3x3 convolution LoRAs, which this previewer cannot map")
-    ranks = {int(w.shape[0]) for w in linear.values()}
-    alphas = {alpha_of(s, int(w.shape[0])) for s, w in linear.items()}
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise HostError(f"the file mixes ranks {sorted(ranks)} / alphas {sorted(alphas)} across modules; only "
-                        f"uniform files (as trained here) can be previewed outside a WebUI")
-    keys = {"lora_rank": ranks.pop(), "lora_alpha": alphas.pop(),
-            "train_unet": any(s.startswith("lora_unet_") for s in downs),
-            "train_text_encoder": any(s.startswith("lora_te") for s in downs),
-            "use_dora": any(k.endswith(".dora_scale") for k in sd)}
-    if conv:
-        first = next(iter(conv))
-        keys.update(conv_lora=True, conv_rank=int(conv[first].shape[0]),
-                    conv_alpha=alpha_of(first, int(conv[first].shape[0])))
+        raise HostError("the file has only 3x3 convolution adapters, which this previewer cannot map")
+
+    def number(value, cast):
+        try:
+            return cast(value) if value not in (None, "", "None") else None
+        except ValueError:
+            return None
+
+    # the shape the file says it has (ss_network_dim/alpha, conv_dim/alpha); else what its tensors show
+    rank, alpha = number(metadata.get("ss_network_dim"), int), number(metadata.get("ss_network_alpha"), float)
+    if rank is None:
+        ranks = {rank_of(s) for s in linear} - {None}
+        if len(ranks) != 1:
+            raise HostError("the file mixes ranks across modules (or does not say its rank); only uniform files (as "
+                            "trained here) can be previewed outside a WebUI")
+        rank = ranks.pop()
+    if alpha is None:
+        alphas = {alpha_of(s, rank) for s in linear}
+        if len(alphas) > 1:
+            raise HostError(f"the file mixes alphas {sorted(alphas)} across modules; only uniform files (as trained "
+                            f"here) can be previewed outside a WebUI")
+        alpha = alphas.pop()
+
+    def flag(name: str) -> bool:
+        return str(args.get(name, "False")).lower() in ("true", "1")
+
+    keys = {"network_type": "locon" if kind == "lora" and (conv or "conv_dim" in args) else kind,
+            "lora_rank": rank, "lora_alpha": alpha, "train_unet": any(s.startswith("lora_unet_") for s in stems),
+            "train_text_encoder": any(s.startswith("lora_te") for s in stems),
+            "use_dora": any(k.endswith(".dora_scale") for k in sd),
+            "lokr_factor": number(args.get("factor"), int) or -1, "decompose_both": flag("decompose_both"),
+            "lokr_full_rank": flag("full_matrix"), "use_tucker": any(".hada_t" in k or ".lokr_t2" in k for k in sd)}
+    conv_rank, conv_alpha = number(args.get("conv_dim"), int), number(args.get("conv_alpha"), float)
+    if conv_rank is None and conv:
+        conv_rank = rank_of(conv[0])
+    if conv_alpha is None and conv:
+        conv_alpha = alpha_of(conv[0], conv_rank or rank)
+    keys.update(conv_rank=conv_rank, conv_alpha=conv_alpha)
     try:
         keys["clip_skip"] = int(metadata.get("ss_clip_skip") or 1)
     except ValueError:
@@ -254,11 +300,11 @@ def apply_lora_file(model, path: Path):
 
     The returned network also has `clip_skip`, the value the file was trained with."""
     from ..network.kohya_file import read_lora
-    from ..network.lora import LoraNetwork
+    from ..network.base import create_network
 
     sd, metadata = read_lora(Path(path))
     cfg = lora_file_config(sd, metadata)
-    network = LoraNetwork(model, cfg)
+    network = create_network(model, cfg)
     try:
         network.load_state_dict({k: v.float() for k, v in sd.items()}, source=Path(path).name)
         device = next(model.unet.parameters()).device

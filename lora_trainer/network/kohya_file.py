@@ -19,6 +19,7 @@ import torch
 from ..config import TrainConfig
 from ..fsutil import atomic_write_bytes, free_path  # noqa: F401  (free_path re-exported)
 from ..models.base import BaseModel
+from .base import network_metadata
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -55,11 +56,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
                       num_processes: int = 1) -> dict[str, str]:
     """Every value a string (safetensors metadata); names as kohya writes them."""
     w, h = cfg.resolution_wh
-    network_args = {}
-    if cfg.conv_lora:
-        network_args.update(conv_dim=str(cfg.effective_conv_rank), conv_alpha=str(cfg.effective_conv_alpha))
-    if cfg.use_dora:
-        network_args["dora_wd"] = "True"
+    network_module, network_args = network_metadata(cfg)
     meta: dict[str, Any] = {
         "ss_session_id": session_id,
         "ss_training_started_at": started_at,
@@ -70,7 +67,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_sd_model_name": Path(model.path).name if model.path else model.name,  # kohya: the file's name
         "ss_sd_model_hash": (model.model_hash or "")[:8] if model.model_hash else "",
         "ss_new_sd_model_hash": model.model_hash or "",
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": cfg.effective_alpha,
         "ss_network_dropout": cfg.lora_dropout,

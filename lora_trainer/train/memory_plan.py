@@ -310,7 +310,7 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
 
     resident: the weights are in memory already (a WebUI's loaded checkpoint), so only the rest is extra."""
     from ..models.meta import meta_model
-    from ..network.lora import LoraNetwork
+    from ..network.base import create_network
 
     mp = cfg.mixed_precision
     autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
@@ -326,7 +326,7 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
         model.vae.to(torch.float32)
     weights = _nbytes(model.unet, *model.text_encoders, model.vae)
 
-    network = LoraNetwork(model, cfg)
+    network = create_network(model, cfg)
     for p in network.parameters():
         p.data = p.data.to(torch.float32)  # LoRA weights are fp32
     params = sum(p.numel() for p in network.parameters())

@@ -136,8 +136,8 @@ def resolve_resume(value: Optional[str], output_dir: Path) -> Optional[Path]:
 
 
 # Settings that decide the shape or set of the trained weights: a resume with any of them changed cannot load.
-SHAPE_KEYS = ("task_type", "lora_rank", "conv_lora", "conv_rank", "use_dora", "target_modules", "train_unet",
-              "train_text_encoder")
+SHAPE_KEYS = ("task_type", "network_type", "lora_rank", "conv_lora", "conv_rank", "use_dora", "lokr_factor",
+              "decompose_both", "lokr_full_rank", "use_tucker", "target_modules", "train_unet", "train_text_encoder")
 
 
 def check_resume_compatible(folder: Path, cfg: TrainConfig) -> None:
@@ -157,7 +157,8 @@ def check_resume_compatible(folder: Path, cfg: TrainConfig) -> None:
             continue
         mine = getattr(cfg, key)
         theirs = saved[key]
-        if key == "conv_rank" and not (cfg.conv_lora or saved.get("conv_lora")):
+        if key == "conv_rank" and not (cfg.trains_convs or saved.get("conv_lora")
+                                       or saved.get("network_type", "lora") != "lora"):
             continue
         if key == "conv_rank":
             mine, theirs = cfg.effective_conv_rank, theirs or saved.get("lora_rank")

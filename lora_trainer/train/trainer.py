@@ -20,7 +20,7 @@ from ..config import ConfigError, TrainConfig
 from ..fsutil import remove_leftovers
 from ..models.base import BaseModel, encode_prompts, sdxl_time_ids
 from ..network.kohya_file import new_session_id, save_lora, training_metadata, write_sidecar_json
-from ..network.lora import LoraNetwork
+from ..network.base import create_network
 from . import state as ckpt
 from .control import StopFlag, StopRequested
 from .distributed import Processes, effective_batch_note, requested_engine, resume_note
@@ -79,7 +79,7 @@ class Trainer:
         self.model = model
         self._log = log or (lambda msg: self.events.emit("message", message=msg))
         self.output_dir = Path(cfg.output_dir)
-        self.network: Optional[LoraNetwork] = None
+        self.network = None
         self._remove_network = model is not None and not keep_network
         self.procs = processes if processes is not None else Processes.single()
         if requested_engine() == "FSDP":
@@ -266,19 +266,13 @@ class Trainer:
         if cfg.init_lora_weights and not resume_from:  # read before the dataset: a bad file fails in seconds
             init_lora = read_init_lora(cfg.init_lora_weights, model.family)
 
-        network = LoraNetwork(model, cfg)
+        network = create_network(model, cfg)
         self.network = network
         network_dtype = torch.float32
         for p in network.parameters():
             p.data = p.data.to(self.device, network_dtype)
-        if cfg.use_dora:
-            self.log("note: DoRA magnitudes are stored per output channel (peft's layout). Forge and ComfyUI read "
-                     "them; AUTOMATIC1111 v1.10 assumes the per-input layout and diffusers ignores them, so for "
-                     "those hosts prefer plain LoRA/LoCon.")
         counts = ", ".join(f"{k}: {v}" for k, v in network.num_modules().items())
-        self.log(f"LoRA rank {cfg.lora_rank} alpha {cfg.effective_alpha:g} on {len(network.layers)} modules ({counts})"
-                 + (f", LoCon rank {cfg.effective_conv_rank}" if cfg.conv_lora else "")
-                 + (", DoRA" if cfg.use_dora else ""))
+        self.log(f"{network.describe()} on {len(network.layers)} modules ({counts})")
 
         if init_lora is not None:
             network.load_state_dict(init_lora, source=f"init_lora_weights {Path(cfg.init_lora_weights).name}")
@@ -450,6 +444,7 @@ class Trainer:
         status = "finished"
         epoch = start_epoch
         params = list(network.parameters())
+        network.set_dropouts(True)  # samples and previews run without (no gradients there)
         while epoch < epochs and global_step < total_steps:
             batches = ds.epoch_draws(epoch)
             micro = start_micro if epoch == start_epoch else 0
@@ -520,6 +515,7 @@ class Trainer:
             if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
                 last_checkpoint = save_checkpoint(epoch, 0)
 
+        network.set_dropouts(False)
         tb.close()
         if status == "stopped":
             self.events.emit("stopped", step=global_step, total_steps=total_steps, path=str(last_checkpoint),

@@ -17,7 +17,7 @@ from . import dataset_tools as dt
 from .form import config_to_form, field_specs, form_to_config
 from .jobs import TERMINAL, JobError, JobRunner, list_runs
 from .plot import loss_curve
-from .presets import preset
+from .presets import TYPE_PRESETS, preset
 
 SWEEP_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 INSTALLED = "installed LoRA (below)"
@@ -182,8 +182,8 @@ class TabController:
             extra["base_model"] = info.path
         return form_to_config(values, extra)
 
-    def preset_values(self, tier: str, goal: str) -> dict[str, Any]:
-        cfg_values = preset(tier, goal, self.family())
+    def preset_values(self, tier: str, goal: str, network_type: str = "lora") -> dict[str, Any]:
+        cfg_values = preset(tier, goal, self.family(), network_type if network_type in TYPE_PRESETS else "lora")
         return {k: v for k, v in config_to_form(cfg_values).items()}
 
     def save_yaml(self, values: dict, folder: str, path: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from ..config import TrainConfig, field_meta, from_dict
+from ..config import NETWORK_TYPES, TrainConfig, field_meta, from_dict
 
 # Keys that other sections of the tab own: the dataset folder (Dataset) and the base model (the host's).
 MANAGED_ELSEWHERE = ("train_data_dir", "base_model")
@@ -21,12 +21,12 @@ MANAGED_ELSEWHERE = ("train_data_dir", "base_model")
 TEXT_GENERATION_KEYS = ("task_type", "max_seq_length", "prompt_template", "packing", "validation_split",
                         "early_stopping_patience", "load_in_4bit", "load_in_8bit")
 # Basic fields in this order first (name first); any other "basic" key follows.
-BASIC_ORDER = ("output_name", "caption_prefix", "resolution", "lora_rank", "lora_alpha", "learning_rate",
-               "batch_size", "epochs", "max_train_steps", "train_text_encoder", "output_dir")
+BASIC_ORDER = ("output_name", "caption_prefix", "resolution", "network_type", "lora_rank", "lora_alpha",
+               "learning_rate", "batch_size", "epochs", "max_train_steps", "train_text_encoder", "output_dir")
 LABELS = {"output_name": "LoRA name", "caption_prefix": "Trigger word (put first in every caption)",
           "output_dir": "Run folder (one sub-folder per LoRA name)", "seed": "Training seed",
           "lora_alpha": "LoRA alpha (scale = alpha / rank)", "conv_lora": "LoCon (also train the convolutions)",
-          "use_dora": "DoRA (weight-decomposed LoRA)", "v_parameterization": "V-prediction model",
+          "use_dora": "DoRA (weight-decomposed, any network type)", "network_type": "Network type", "v_parameterization": "V-prediction model",
           "init_lora_weights": "Continue from a LoRA file", "resume_from_checkpoint": "Resume from checkpoint folder",
           "log_with": "Training log", "overwrite": "Replace an existing LoRA of the same name"}
 # Words of config keys as a person says them (labels); the key itself is in each field's tooltip.
@@ -35,6 +35,13 @@ WORDS = {"lora": "LoRA", "lr": "LR", "snr": "SNR", "vae": "VAE", "dora": "DoRA",
 # Tooltips that would mention the CLI's text-generation mode
 TAB_HELP = {"init_lora_weights": "continue training an existing LoRA .safetensors file (same family and rank)",
             "target_modules": "module names to adapt (default: kohya's targets)"}
+
+
+def network_types_text() -> str:
+    """The network types, one line each, for the tab (Markdown)."""
+    lines = [f"- **{name}**: {text.split(': ', 1)[1]}" for name, text in NETWORK_TYPES.items()]
+    return ("Network types (all four, and DoRA on each, load in AUTOMATIC1111 and Forge; diffusers' "
+            "`load_lora_weights` reads only lora / locon without DoRA):\n" + "\n".join(lines))
 
 
 def label_of(key: str) -> str:

@@ -30,6 +30,17 @@ _GOAL = {
 }
 
 
+# Typical dimensions of each network type (kept small where the type multiplies ranks: LoHa's update has rank
+# up to rank^2, LoKr's large factor is full by default); the goal's learning rate and steps stay.
+TYPE_PRESETS = {
+    "lora": dict(conv_lora=False),
+    "locon": dict(conv_lora=False, conv_rank=8, conv_alpha=4),
+    "loha": dict(conv_lora=False, lora_rank=8, lora_alpha=4, conv_rank=4, conv_alpha=2, use_tucker=False),
+    "lokr": dict(conv_lora=False, lora_rank=16, lora_alpha=16, lokr_factor=8, lokr_full_rank=True,
+                 decompose_both=False, conv_rank=16, conv_alpha=16),
+}
+
+
 def tier_for(device_type: str, total_bytes: Optional[int]) -> str:
     """The tier a machine starts on: its device and how much memory that device has."""
     if device_type != "cuda" or not total_bytes:
@@ -66,10 +77,13 @@ def _tier(tier: str, family: str) -> dict[str, Any]:
     raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
 
 
-def preset(tier: str, goal: str, family: Optional[str] = "sd1") -> dict[str, Any]:
-    """Config values for a memory tier and a goal on a model family (sd1 / sd2 / sdxl)."""
+def preset(tier: str, goal: str, family: Optional[str] = "sd1", network_type: str = "lora") -> dict[str, Any]:
+    """Config values for a memory tier and a goal on a model family (sd1 / sd2 / sdxl), with the typical
+    dimensions of the network type."""
     if goal not in _GOAL:
         raise ValueError(f"unknown goal {goal!r}; choose one of {', '.join(GOALS)}")
+    if network_type not in TYPE_PRESETS:
+        raise ValueError(f"unknown network type {network_type!r}; choose one of {', '.join(TYPE_PRESETS)}")
     family = family if family in NATIVE_RESOLUTION else "sd1"
     values = dict(_GOAL[goal])
     t = _tier(tier, family)
@@ -92,6 +106,7 @@ def preset(tier: str, goal: str, family: Optional[str] = "sd1") -> dict[str, Any
     if values.get("optimizer") == "adamw8bit" and not _has_bitsandbytes():
         values["optimizer"] = "adamw"  # 8-bit AdamW needs bitsandbytes (CUDA); plain AdamW still fits with the rest
     values.setdefault("text_encoder_lr", None)
+    values.update(TYPE_PRESETS[network_type], network_type=network_type)
     return values
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 from .controller import INSTALLED, TabController
 from .form import advanced_specs, basic_specs
 from .jobs import JobRunner, default_runner
+from .form import network_types_text
 from .presets import GOALS, TIERS, preset
 
 POLL_S = 1.0
@@ -141,7 +142,8 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
             tier = gr.Dropdown(label="GPU memory (this machine's is preselected)", choices=list(TIERS),
                                value=initial_tier, elem_id="lora_trainer_tier")
             goal = gr.Dropdown(label="Goal", choices=list(GOALS), value="style", elem_id="lora_trainer_goal")
-            preset_btn = gr.Button("Apply preset", elem_id="lora_trainer_preset")
+            preset_btn = gr.Button("Apply preset (for the network type below)", elem_id="lora_trainer_preset")
+        gr.Markdown(network_types_text(), elem_id="lora_trainer_network_types")
         basics = basic_specs()
         for row_start in range(0, len(basics), 4):
             with gr.Row():
@@ -315,15 +317,15 @@ def build_tab(host, runner: Optional[JobRunner] = None, restore_on_load: bool = 
         check_btn.click(lambda folder, *args: ctl.check_dataset(values_of(args), folder),
                         [dataset_dir] + form_inputs, [report])
 
-        def do_preset(t, g):
-            values = ctl.preset_values(t, g)
+        def do_preset(t, g, n):
+            values = ctl.preset_values(t, g, n)
             return [gr.update(value=values[k]) if k in values else gr.update() for k in keys] + \
-                [f"preset {g} / {t} applied (change anything before starting)"]
+                [f"preset {g} / {t} for {n} applied (change anything before starting)"]
 
         def estimate(folder, *args):
             return ctl.memory(values_of(args), folder)
 
-        preset_btn.click(do_preset, [tier, goal], form_inputs + [param_msg]).then(
+        preset_btn.click(do_preset, [tier, goal, widgets["network_type"]], form_inputs + [param_msg]).then(
             estimate, [dataset_dir] + form_inputs, [memory_box])
 
         def apply_loaded(values, folder, msg):
