@@ -77,6 +77,8 @@ def server(tiny_files, tmp_path_factory):
     host = StandaloneHost(str(tiny_files["sd1"]), root / "Lora", work_dir=root / "runs", log=lambda *_: None)
     demo, _app, url = launch(host, _free_port(), runner=JobRunner(), quiet=True)
     yield host, url, root
+    if getattr(demo, "server", None) is not None:
+        demo.server.force_exit = True  # do not wait for the browser's long-lived queue connections
     demo.close()
 
 
@@ -208,6 +210,8 @@ def test_train_and_preview_in_the_browser(server, page, tmp_path):
     assert status.startswith("finished") and "step 4/4 (100%)" in status, status
     lora = host.lora_dir() / f"{STYLE}.safetensors"
     assert lora.is_file() and str(lora) in status
+    # finished as soon as the LoRA is installed; the card's picture follows, said beside the progress
+    wait_for(page, "lora_trainer_status", lambda v: "rendering the LoRA card's preview" not in v, "the card preview")
     assert lora.with_suffix(".png").is_file() and lora.with_suffix(".json").is_file()
     assert "installed" in text_of(page, "lora_trainer_log")
     assert page.locator("#lora_trainer_loss img").count() == 1  # the loss curve is drawn
