@@ -94,7 +94,9 @@ def serve(args) -> int:
     finally:
         from .jobs import default_runner
 
-        if default_runner().stop("the server is shutting down: saving a resumable checkpoint"):
+        runner = default_runner()
+        if runner.stop("the server is shutting down: saving a resumable checkpoint"):
             print("saving a checkpoint of the running job before exiting ...")
-            default_runner().wait(600)
+        # also a finished job's thread may still render its LoRA card's picture: exiting under it aborts the process
+        runner.wait(600)
     return 0
