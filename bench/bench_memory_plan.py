@@ -47,18 +47,11 @@ GPU_CASES = [
 ]
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def worker(case: list, out: str) -> None:
     import torch
 
     torch.set_num_threads(2)
+    from bench_load_memory import _status_bytes
     from bench_train import build_model, make_images
     from lora_trainer.config import TrainConfig
     from lora_trainer.train.memory_plan import estimate_memory

@@ -32,11 +32,9 @@ sys.path.insert(0, str(HERE))
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    from bench_load_memory import _status_bytes
+
+    return _status_bytes("VmRSS")
 
 
 def checkpoint(size: str, workdir: Path) -> Path:
