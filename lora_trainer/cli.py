@@ -116,7 +116,7 @@ def run_training(cfg: TrainConfig) -> int:
         return _run_training(cfg, procs)
     finally:
         # a launcher ends every process once one has exited: none leaves before the main one has written
-        procs.barrier_quietly()
+        procs.close()
 
 
 def _run_training(cfg: TrainConfig, procs) -> int:

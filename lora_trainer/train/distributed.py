@@ -177,6 +177,21 @@ class Processes:
         except Exception:
             pass
 
+    def close(self) -> None:
+        """Leaves the process group on the way out, after the others: a group left to the interpreter's exit
+        tears its communication threads down in no set order, which aborted a finished process now and then
+        ("terminate called without an active exception")."""
+        if not self.distributed:
+            return
+        self.barrier_quietly()
+        import torch.distributed as dist
+
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
     def main_first(self, fn: Callable[[], Any], error_types: tuple = (Exception,)) -> Any:
         """Runs fn on the main process only (moving files, writing); every rank then returns its result or
         raises its error, so no rank waits for a main process that has failed."""
