@@ -87,22 +87,23 @@ def main() -> None:
 
 
 def latent_caching(cfg, cache_dir: Path) -> None:
-    """The trainer's own caching step (Trainer._cache_latents) with the tiny model's VAE, twice."""
+    """The trainer's own caching step (LatentEncoder.fill) with the tiny model's VAE, twice."""
     import torch
 
     from lora_trainer.data import LatentCache
     from lora_trainer.models.tiny import build_tiny
-    from lora_trainer.train.trainer import Trainer
+    from lora_trainer.train.control import StopFlag
+    from lora_trainer.train.distributed import Processes
+    from lora_trainer.train.latents import LatentEncoder
 
     torch.set_num_threads(2)
     model = build_tiny("sd1")
     for run in ("first run (VAE)", "cached run (disk)"):
         ds = build_dataset(cfg, log=None)  # a fresh dataset and cache object, as a new training run has
-        trainer = Trainer(cfg.replace(cache_latents_to_disk=True, cache_dir=str(cache_dir)), model=model,
-                          log=lambda msg: None)
-        trainer._vae_fp = trainer._vae_fingerprint()
+        encoder = LatentEncoder(model.vae, torch.device("cpu"), cfg.batch_size, Processes.single(), StopFlag(),
+                                log=lambda msg: None)
         cache = LatentCache(cache_dir)
-        _, s = timed(lambda: trainer._cache_latents(ds, cache))
+        _, s = timed(lambda: encoder.fill(ds, cache))
         n = len(ds.items)
         print(f"latent cache, {run:<17} {n / s:8.1f} images/s  ({s:.3f} s, {len(cache)} latents on disk)")
 

@@ -6,7 +6,6 @@ optimizer step with a resumable checkpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -24,7 +23,8 @@ from ..network.base import create_network
 from . import state as ckpt
 from .control import StopFlag, StopRequested
 from .distributed import Processes, effective_batch_note, requested_engine, resume_note
-from .memory_plan import memory_note, vae_chunk
+from .latents import LatentEncoder
+from .memory_plan import memory_note
 from .run_guards import (disk_space_for_run, failure_message, new_run_name, read_init_lora,
                          set_aside_earlier_run, write_message)
 from .errors import TrainingFailed
@@ -138,73 +138,6 @@ class Trainer:
                                          self.cfg.vae, log_fn=self.log, dtype=weights_dtype)
         return self.model
 
-    def _vae_fingerprint(self) -> str:
-        w = next(self.model.vae.parameters())
-        h = hashlib.sha256(w.detach().float().cpu().numpy().tobytes()[:65536])
-        # private keys left out: diffusers' _use_default_values is a set, in another order in every process
-        config = {k: v for k, v in dict(self.model.vae.config).items() if not str(k).startswith("_")}
-        h.update(repr(sorted(config.items())).encode())
-        return h.hexdigest()[:16]
-
-    @torch.no_grad()
-    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        dtype = next(vae.parameters()).dtype
-        dist = vae.encode(pixels.to(self.device, dtype)).latent_dist
-        return (dist.mean * vae.config.scaling_factor).float()
-
-    def _cache_latents(self, ds, cache) -> None:
-        todo = [i for i in ds.active_indices() if self._latent_key(ds, i) not in cache]
-        if not todo:
-            self.log(f"latents: all {len(ds.items)} cached")
-            return
-        procs = self.procs
-        if procs.distributed:  # each process encodes its part into the shared disk cache
-            failed = self._encode_into(ds, cache, procs.split(todo), stoppable=False)
-            for part in procs.gather(failed):  # every process leaves out the same damaged images
-                for i, reason in part:
-                    ds.exclude(i, reason)
-            procs.barrier()
-            self.log(f"latents: {len(todo)} images encoded by {procs.world} processes, "
-                     f"{len(ds.items) - len(todo)} from cache")
-            return
-        started = time.perf_counter()
-        for i, reason in self._encode_into(ds, cache, todo):
-            ds.exclude(i, reason)
-        rate = len(todo) / max(time.perf_counter() - started, 1e-9)
-        self.log(f"latents: encoded {len(todo)} images ({rate:.1f} images/s), {len(ds.items) - len(todo)} from cache")
-
-    def _encode_into(self, ds, cache, todo: list[int], stoppable: bool = True) -> list[tuple[int, str]]:
-        """Encodes the images `todo` into the cache; returns those that failed to decode, with the reason."""
-        from ..data import ImageLoadError
-
-        failed: list[tuple[int, str]] = []
-        # Images of one bucket share a shape, so they are encoded together (much faster on a GPU).
-        by_bucket: dict[tuple, list[int]] = {}
-        for i in todo:
-            by_bucket.setdefault(tuple(ds.items[i].bucket), []).append(i)
-        for bucket, indices in by_bucket.items():
-            chunk = vae_chunk(self.cfg.batch_size, bucket[0] * bucket[1])
-            for start in range(0, len(indices), chunk):
-                loaded, pixels = [], []
-                for i in indices[start:start + chunk]:
-                    try:
-                        pixels.append(ds.load_sample(i, 0, 0)["pixels"])
-                        loaded.append(i)
-                    except ImageLoadError as e:  # the scan reads headers only; some damage shows when decoding
-                        self.log(f"skipped {e}")
-                        failed.append((i, e.reason))
-                if loaded:
-                    latents = self._encode_latents(torch.stack(pixels)).cpu()
-                    for i, latent in zip(loaded, latents):
-                        cache.put(self._latent_key(ds, i), latent.clone())
-                if stoppable:  # a data-parallel run stops at its first step instead, all processes together
-                    self.stop.check()
-        return failed
-
-    def _latent_key(self, ds, i: int) -> str:
-        return f"{ds.cache_key(i)}-{self._vae_fp}"
-
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
@@ -258,7 +191,7 @@ class Trainer:
         self.stop.check()
         model.freeze()
         autocast_dtype = self._place_model(model, owns_model, autocast_dtype)
-        self._vae_fp = self._vae_fingerprint()
+        self.latents = LatentEncoder(model.vae, self.device, cfg.batch_size, procs, self.stop, self.log)
         note = memory_note(model, cfg, self.device)
         if note:
             self.log(note)
@@ -292,7 +225,7 @@ class Trainer:
                     self.log(f"latents are cached on disk ({folder}) so that the {procs.world} processes share "
                              f"one cache, each encoding its part")
             cache = LatentCache(folder)
-            self._cache_latents(ds, cache)
+            self.latents.fill(ds, cache)
         else:
             ds.verify(self.log)
 
@@ -578,11 +511,11 @@ class Trainer:
             sample_timesteps(share.total, model.noise_scheduler.config.num_train_timesteps, generator, "cpu")
             return None
         if cache is not None:
-            latents = torch.stack([cache.get(self._latent_key(ds, i)) for i in batch]).to(self.device)
+            latents = torch.stack([cache.get(self.latents.key(ds, i)) for i in batch]).to(self.device)
             meta = [_center_crop_geometry(ds.items[i]) for i in batch]
         else:
             meta = [ds.load_sample(i, epoch, pos) for i, pos in draws]
-            latents = self._encode_latents(torch.stack([s["pixels"] for s in meta]))
+            latents = self.latents.encode(torch.stack([s["pixels"] for s in meta]))
         captions = [ds.caption_for(i, epoch, pos) for i, pos in draws]
         weights = torch.tensor([ds.items[i].loss_weight for i in batch], dtype=torch.float32)
 
