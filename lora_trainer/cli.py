@@ -112,11 +112,15 @@ def run_training(cfg: TrainConfig) -> int:
     from .train.distributed import Processes
 
     procs = Processes.from_environment(cfg.device)  # several processes under torchrun / accelerate launch
+    code = 1
     try:
-        return _run_training(cfg, procs)
+        code = _run_training(cfg, procs)
+        return code
     finally:
-        # a launcher ends every process once one has exited: none leaves before the main one has written
-        procs.close()
+        # A launcher ends every process once one has exited. After a run that finished or stopped (all processes
+        # together) none leaves before the main one has written; a process that failed leaves at once, since the
+        # others wait for it in a reduction it will never join, and the launcher's ending them is what they need.
+        procs.close(wait_for_others=code in (0, 130))
 
 
 def _run_training(cfg: TrainConfig, procs) -> int:

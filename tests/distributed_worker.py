@@ -1,7 +1,8 @@
 """Run by torchrun in tests/test_distributed.py: `python -m lora_trainer ...`, except that the process of rank
 LT_TEST_STOP_RANK asks for a stop (as its Ctrl-C / Stop button would) when step LT_TEST_STOP_STEP is done, so
-the test knows the stop comes from a process that is not the one that writes. Without those variables it
-trains as `python -m lora_trainer` does. On the way out each process says whether it left the process group."""
+the test knows the stop comes from a process that is not the one that writes; and the process of rank
+LT_TEST_CRASH_RANK fails (as an out-of-memory error would) in its LT_TEST_CRASH_FORWARD-th forward pass.
+Without those variables it trains as `python -m lora_trainer` does. On the way out each process says whether it left the process group."""
 import atexit
 import os
 import sys
@@ -22,7 +23,20 @@ def _init_with_stop(self, *args, **kwargs):
         self.events.subscribe(lambda e: self.stop.set("test stop") if e.kind == "step" and e.step == step else None)
 
 
+_forward = trainer_module.Trainer._forward
+_forwards = [0]
+
+
+def _forward_or_crash(self, *args, **kwargs):
+    _forwards[0] += 1
+    if str(self.procs.rank) == os.environ.get("LT_TEST_CRASH_RANK") and \
+            _forwards[0] == int(os.environ["LT_TEST_CRASH_FORWARD"]):
+        raise RuntimeError("out of memory (injected by the test)")
+    return _forward(self, *args, **kwargs)
+
+
 trainer_module.Trainer.__init__ = _init_with_stop
+trainer_module.Trainer._forward = _forward_or_crash
 
 if __name__ == "__main__":
     rank = os.environ.get("RANK", "?")

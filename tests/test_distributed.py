@@ -147,6 +147,24 @@ def test_resume_with_another_number_of_processes_says_what_changes(runs, tiny_fi
     assert _max_diff(result.lora_path, tmp / "two" / "d.safetensors") <= FLOAT_TOLERANCE
 
 
+def test_a_failure_on_one_process_ends_the_launch_at_once_with_its_message(runs, tiny_files):
+    """A process that fails mid-run (its GPU ran out of memory) must not leave the others waiting in a reduction
+    until the process group's timeout (30 minutes): the launch ends in seconds and says why."""
+    import time
+
+    tmp = runs["tmp"]
+    cfg = _yaml(tmp / "crash.yaml", _keys(tiny_files, runs["data"], tmp / "crash"))
+    started = time.monotonic()
+    code, out = torchrun([str(TESTS / "distributed_worker.py"), "train", "--config", str(cfg)], tmp,
+                         env={"LT_TEST_CRASH_RANK": "1", "LT_TEST_CRASH_FORWARD": "3"})
+    took = time.monotonic() - started
+    # the failing process says why; the main one, whose reduction lost its partner, says only that
+    assert code != 0 and "[rank 1] error: cpu: out of memory. Try, in this order" in out, out[-4000:]
+    assert "error: another process of this run failed (its error is printed above" in out, out[-4000:]
+    assert "Done: " not in out and not (tmp / "crash" / "d.safetensors").exists()
+    assert took < 120, f"the launch took {took:.0f} s to end after a process failed:\n{out[-3000:]}"
+
+
 def test_shares_and_notes():
     # 2 processes, batch 2 each, a global batch of 3: rank 0 takes 2 draws (weight 2/3), rank 1 one (1/3)
     shares = [Processes(rank=r, world=2).share(3, 2) for r in (0, 1)]

@@ -61,7 +61,9 @@ def train_text(cfg: TrainConfig, events: EventBus, stop: Optional[StopFlag] = No
         events.emit("failed", message=msg)
         raise TextTrainingError(msg) from None
     except Exception as e:
-        events.emit("failed", message=f"{type(e).__name__}: {e}")
+        from ..train.run_guards import failure_message
+
+        events.emit("failed", message=failure_message(e))
         raise
 
 

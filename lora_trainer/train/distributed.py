@@ -42,6 +42,17 @@ def requested_engine() -> str:
     return ""
 
 
+def lost_peer(error: BaseException) -> bool:
+    """True when a collective operation failed because another process of the run is gone (it failed and
+    exited); gloo and NCCL say so as a RuntimeError / DistBackendError about the closed connection."""
+    return type(error).__name__ == "DistBackendError" or (
+        isinstance(error, RuntimeError) and "by peer" in str(error))
+
+
+PEER_FAILED = ("another process of this run failed (its error is printed above, with its rank); this process "
+               "stops with it")
+
+
 @dataclass
 class Share:
     """One process's part of a global batch: draws[start:end] of `total` draws."""
@@ -177,13 +188,14 @@ class Processes:
         except Exception:
             pass
 
-    def close(self) -> None:
-        """Leaves the process group on the way out, after the others: a group left to the interpreter's exit
-        tears its communication threads down in no set order, which aborted a finished process now and then
-        ("terminate called without an active exception")."""
+    def close(self, wait_for_others: bool = True) -> None:
+        """Leaves the process group on the way out (after the others, when asked): a group left to the
+        interpreter's exit tears its communication threads down in no set order, which aborted a finished
+        process now and then ("terminate called without an active exception")."""
         if not self.distributed:
             return
-        self.barrier_quietly()
+        if wait_for_others:
+            self.barrier_quietly()
         import torch.distributed as dist
 
         try:

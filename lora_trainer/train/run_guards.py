@@ -80,6 +80,10 @@ def new_run_name(root: Path, name: str) -> str:
 
 def failure_message(e: BaseException) -> str:
     """Our own errors already read as a sentence; a library's needs its type to make sense."""
+    from .distributed import PEER_FAILED, lost_peer
+
+    if lost_peer(e):
+        return PEER_FAILED
     if type(e).__name__ in ("ModelLoadError", "ArchitectureMismatch", "DatasetError", "ImageLoadError"):
         return str(e)
     return f"{type(e).__name__}: {e}"
