@@ -30,13 +30,26 @@ LAUNCH_TIMEOUT_S = 300
 FLOAT_TOLERANCE = 1e-4
 
 
+ROOT = Path(lora_trainer.__file__).resolve().parent.parent
+
+
 def torchrun(args: list[str], cwd: Path, n: int = 2, env: dict | None = None) -> tuple[int, str]:
-    """Runs `torchrun --standalone --nproc_per_node n ARGS` with this checkout's lora_trainer importable; the
-    whole process group is killed if it outlives the timeout."""
-    root = Path(lora_trainer.__file__).resolve().parent.parent
-    path = os.pathsep.join([str(root), str(TESTS)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    """Runs `torchrun --standalone --nproc_per_node n ARGS` with this checkout's lora_trainer importable."""
+    return _launch(["torch.distributed.run", "--standalone", f"--nproc_per_node={n}"], args, cwd, env)
+
+
+def accelerate_launch(config: str, args: list[str], cwd: Path, n: int = 2) -> tuple[int, str]:
+    """Runs `accelerate launch --config_file configs/accelerate/CONFIG --num_processes n ARGS`, as the README
+    says (on this GPU-less machine accelerate starts CPU processes on gloo)."""
+    return _launch(["accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+                    "--num_processes", str(n)], args, cwd, None)
+
+
+def _launch(launcher: list[str], args: list[str], cwd: Path, env: dict | None) -> tuple[int, str]:
+    """The whole process group is killed if it outlives the timeout."""
+    path = os.pathsep.join([str(ROOT), str(TESTS)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     full_env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+    cmd = [sys.executable, "-m", *launcher, *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -44,7 +57,7 @@ def torchrun(args: list[str], cwd: Path, n: int = 2, env: dict | None = None) ->
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT_S} s:\n{out[-4000:]}")
+        pytest.fail(f"{launcher[0]} did not finish in {LAUNCH_TIMEOUT_S} s:\n{out[-4000:]}")
     return proc.returncode, out
 
 
@@ -210,14 +223,14 @@ def text_runs(tmp_path_factory):
     one = train_text(TrainConfig(**keys, batch_size=4, output_dir=str(tmp / "one")), EventBus(), StopFlag())
     two = torchrun(["-m", "lora_trainer", "train", "--config",
                     str(_yaml(tmp / "two.yaml", dict(keys, batch_size=2, output_dir=str(tmp / "two"))))], tmp)
-    # FSDP as `accelerate launch --config_file configs/accelerate/fsdp.yaml` asks for it; 5 samples, so the last
-    # batch of an epoch leaves rank 1 nothing to train (it still runs the sharded forward and backward)
+    # FSDP by `accelerate launch --config_file configs/accelerate/fsdp.yaml`; 5 samples, so the last batch of an
+    # epoch leaves rank 1 nothing to train (it still runs the sharded forward and backward)
     five = _jsonl(tmp / "data5" / "qa.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS[:5]])
     keys5 = dict(keys, train_data_dir=str(five.parent), save_steps=2)
     one5 = train_text(TrainConfig(**keys5, batch_size=4, output_dir=str(tmp / "one5")), EventBus(), StopFlag())
-    fsdp = torchrun(["-m", "lora_trainer", "train", "--config",
-                     str(_yaml(tmp / "fsdp.yaml", dict(keys5, batch_size=2, output_dir=str(tmp / "fsdp"))))], tmp,
-                    env={"ACCELERATE_USE_FSDP": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"})
+    fsdp = accelerate_launch("fsdp.yaml", ["-m", "lora_trainer", "train", "--config",
+                                           str(_yaml(tmp / "fsdp.yaml", dict(keys5, batch_size=2,
+                                                                             output_dir=str(tmp / "fsdp"))))], tmp)
     return {"tmp": tmp, "base": base, "one": one, "two": two, "keys5": keys5, "one5": one5, "fsdp": fsdp}
 
 
@@ -255,7 +268,7 @@ def test_shipped_accelerate_configs_are_valid_and_unsupported_engines_are_refuse
 
     from lora_trainer.config import ConfigError
 
-    folder = Path(lora_trainer.__file__).resolve().parent.parent / "configs" / "accelerate"
+    folder = ROOT / "configs" / "accelerate"
     kinds = {p.name: str(load_config_from_file(str(p)).distributed_type) for p in sorted(folder.glob("*.yaml"))}
     assert kinds == {"multi_gpu.yaml": "DistributedType.MULTI_GPU", "multi_node.yaml": "DistributedType.MULTI_GPU",
                      "fsdp.yaml": "DistributedType.FSDP"}
@@ -306,7 +319,7 @@ def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(tiny_file
     data = make_images(tmp_path / "data", n=4)
     config = _yaml(tmp_path / "c.yaml", _keys(tiny_files, data, tmp_path / "out", max_train_steps=100000,
                                               train_text_encoder=False))
-    root = Path(lora_trainer.__file__).resolve().parent.parent
+    root = ROOT
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     log = tmp_path / "run.log"
