@@ -117,6 +117,26 @@ def test_hf_folder_without_a_model_is_an_actionable_error(tmp_path):
         load_backend("hf:", device="cpu")
 
 
+def test_the_tiny_clip_is_saved_without_pickle_and_a_refused_bin_says_what_to_do(tmp_path, monkeypatch):
+    from lora_trainer.caption.testing import tiny_clip_model
+
+    folder = save_tiny_clip(tmp_path / "tiny")
+    assert [p.name for p in folder.glob("*.bin")] == [] and any(folder.glob("*.safetensors"))
+    # AUTOMATIC1111 wraps torch.load: a .bin written by a newer torch is refused and None comes back, which
+    # transformers reports as "'NoneType' object has no attribute ..."
+    pickled = tmp_path / "pickled"
+    model = tiny_clip_model(0)
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            (pickled / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)
+    with pytest.raises(TaggerUnavailable, match=r"pickled \.bin, which a WebUI's safe loader may refuse: save "
+                                                r"the model as model\.safetensors"):
+        TransformersClipBackend.from_pretrained(str(pickled))
+
+
 def test_hub_download_failure_is_actionable(monkeypatch):
     import transformers
 

@@ -86,6 +86,15 @@ def _normalise(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _pickled_only_hint(folder: Path) -> str:
+    """A WebUI's safe unpickler (AUTOMATIC1111's) refuses .bin weights that a newer torch wrote, and transformers
+    then fails with an unrelated-looking error: say what works instead."""
+    if folder.is_dir() and any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+        return ("; its weights are a pickled .bin, which a WebUI's safe loader may refuse: save the model as "
+                "model.safetensors (transformers: model.save_pretrained(folder, safe_serialization=True))")
+    return ""
+
+
 class TransformersClipBackend:
     """A transformers CLIPModel + CLIPTokenizer; images preprocessed by `preprocess_images`."""
 
@@ -113,7 +122,7 @@ class TransformersClipBackend:
         except Exception as e:
             local = Path(repo_or_path).exists()
             where = (f"the folder {repo_or_path} must hold a transformers CLIPModel (config.json, weights, "
-                     "vocab.json, merges.txt)") if local else (
+                     "vocab.json, merges.txt)" + _pickled_only_hint(Path(repo_or_path))) if local else (
                 f"'{repo_or_path}' is downloaded from the Hugging Face hub on first use and cached in "
                 "~/.cache/huggingface (HF_HOME); check the id and your network, set HF_ENDPOINT for a mirror, "
                 f"or download it once while online (`hf download {repo_or_path}`, from huggingface_hub) and run again; "

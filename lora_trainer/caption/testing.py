@@ -41,6 +41,6 @@ def tiny_clip_backend(seed: int = 0, device: str = "cpu") -> TransformersClipBac
 def save_tiny_clip(folder: Union[str, Path], seed: int = 0) -> Path:
     """Writes the tiny model + tokenizer as a transformers folder, loadable with `--model hf:FOLDER`."""
     folder = Path(folder)
-    tiny_clip_model(seed).save_pretrained(folder)
+    tiny_clip_model(seed).save_pretrained(folder, safe_serialization=True)  # as hub models ship it; no pickle
     tiny_clip_tokenizer().save_pretrained(folder)
     return folder
