@@ -125,6 +125,15 @@ def test_import_uploads_keeps_names_and_never_overwrites(tmp_path):
     assert skipped and "notes.pdf" in skipped[0]
     folder, n, _ = dt.import_uploads([str(src / "img_00.png"), str(src / "img_00.txt")], tmp_path / "ds")
     assert n == 1 and (folder / "img_00_2.png").is_file() and (folder / "img_00_2.txt").is_file()
+    # an upload that arrived empty (Upload pressed while a live A1111's browser still sent it) is not copied
+    empty = tmp_path / "partial"
+    empty.mkdir()
+    (empty / "img_09.png").write_bytes(b"")
+    (empty / "img_09.txt").write_text("a caption")
+    folder, n, skipped = dt.import_uploads([str(empty / "img_09.png"), str(empty / "img_09.txt")], tmp_path / "ds")
+    assert n == 0 and not (folder / "img_09.png").exists() and not (folder / "img_09.txt").exists()
+    assert skipped == ["img_09.png: the file arrived empty (its upload had not finished); choose it again",
+                       "img_09.txt: its image arrived empty"]
 
 
 def test_loss_curve_and_status_text():

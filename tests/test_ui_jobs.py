@@ -154,6 +154,14 @@ def test_one_click_resume_uses_the_runs_own_settings(setup):
     assert msg.startswith("resuming oneclick") and values["max_train_steps"] == "6" and folder == str(data)
     _poll_to_end(runner)
     assert runner.status()["state"] == "finished" and runner.status()["step"] == 6
+    # the page reloaded after that resume: its form starts a new run under a new name (a live A1111 refused it:
+    # the resumed run's "resume from latest" came back with the form)
+    values = ctl.restore()["values"]
+    assert values["output_name"] == "oneclick" and not values.get("resume_from_checkpoint")
+    msg, _memory = ctl.start(dict(values, output_name="after_resume", max_train_steps="1"), str(data))
+    assert msg.startswith("started after_resume"), msg
+    _poll_to_end(runner)
+    assert runner.status()["state"] == "finished"
 
 
 def test_failures_reach_the_status_with_a_message(setup, tmp_path):

@@ -304,8 +304,9 @@ class TabController:
         view = self.run_view()
         job = self.runner.job
         values, folder = None, None
-        if job is not None:
-            values = config_to_form(job.cfg.replace(output_dir=str(Path(job.run_dir).parent)))
+        if job is not None:  # a resumed run's "resume: latest" is its own; Start on that form is a new run
+            values = config_to_form(job.cfg.replace(output_dir=str(Path(job.run_dir).parent),
+                                                    resume_from_checkpoint=None))
             folder = job.cfg.train_data_dir
         return {"values": values, "folder": folder, "view": view}
 

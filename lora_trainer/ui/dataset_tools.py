@@ -170,12 +170,19 @@ def import_uploads(files: Iterable, target: Union[str, Path]) -> tuple[Path, int
         original = _original_name(p)
         suffix = Path(original).suffix.lower()
         if suffix in exts:
+            if p.stat().st_size == 0:  # seen from Gradio 3 when Upload was pressed while the browser still sent
+                skipped.append(f"{original}: the file arrived empty (its upload had not finished); choose it again")
+                renamed[Path(original).stem] = ""
+                continue
             dest = _free(target / original)
             renamed[Path(original).stem] = dest.stem
             _copy(p, dest)
             images += 1
         elif suffix == ".txt":
             stem = renamed.get(Path(original).stem, Path(original).stem)
+            if not stem:
+                skipped.append(f"{original}: its image arrived empty")
+                continue
             dest = target / f"{stem}.txt"
             if dest.exists():
                 skipped.append(f"{original}: a caption {dest.name} already exists")
