@@ -15,21 +15,6 @@ def flux_dir(tmp_path_factory):
     return tiny.write_tiny_flux_folder(tmp_path_factory.mktemp("tiny-flux") / "flux", num_double=2, num_single=2)
 
 
-def _inputs(transformer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = transformer.config
-    img_ids = torch.zeros(16, 3)
-    img_ids[:, 1] = torch.arange(16) // 4
-    img_ids[:, 2] = torch.arange(16) % 4
-    kw = {"hidden_states": torch.randn(1, 16, cfg.in_channels, generator=g),
-          "encoder_hidden_states": torch.randn(1, 7, cfg.joint_attention_dim, generator=g),
-          "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
-          "timestep": torch.tensor([0.4]), "img_ids": img_ids, "txt_ids": torch.zeros(7, 3), "return_dict": False}
-    if cfg.guidance_embeds:
-        kw["guidance"] = torch.tensor([3.5])
-    return kw
-
-
 def test_tiny_flux_folder_loads_in_flux_pipeline_offline(flux_dir):
     from diffusers import FluxPipeline
 
@@ -100,7 +85,8 @@ def test_single_file_detected_and_loaded_with_components_beside_it(flux_dir, tmp
         assert model.transformer.config[key] == reference.config[key], key
     assert tuple(model.transformer.config.axes_dims_rope) == tuple(reference.config.axes_dims_rope)
     with torch.no_grad():
-        assert torch.equal(model.transformer(**_inputs(model.transformer))[0], reference(**_inputs(reference))[0])
+        inputs = tiny.transformer_inputs(reference)
+        assert torch.equal(model.transformer(**inputs)[0], reference(**inputs)[0])
     # the components' folder may also be a same-named folder beside the file
     import shutil
 

@@ -59,10 +59,11 @@ class LoraNetwork(NetworkBase):
             out[f"{stem}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
             out[f"{stem}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
             out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
-        return out
+        return self.file_layout.to_file(out)
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], source: str = "LoRA file") -> None:
         """Loads kohya-format weights; refuses files that do not fit this network (family, type, rank, targets)."""
+        sd = self.file_layout.from_file(sd, source)
         self.check_file(sd, source)
         with torch.no_grad():
             for stem, layer in self.layers.items():

@@ -91,6 +91,23 @@ def tiny_flux_components(seed: int = 0, guidance: bool = True, **transformer_kwa
                                                          max_image_seq_len=4096)}
 
 
+def transformer_inputs(transformer, seed: int = 0, side: int = 4, text_tokens: int = 7) -> dict:
+    """Random inputs for one forward pass of a FluxTransformer2DModel: a side x side grid of packed latent
+    tokens with their (0, row, column) ids, a text sequence with zero ids, a timestep and, for dev, guidance."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    n = side * side
+    img_ids = torch.stack([torch.zeros(n), torch.arange(n) // side, torch.arange(n) % side], dim=1).float()
+    kw = {"hidden_states": torch.randn(1, n, cfg.in_channels, generator=g),
+          "encoder_hidden_states": torch.randn(1, text_tokens, cfg.joint_attention_dim, generator=g),
+          "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g),
+          "timestep": torch.tensor([0.4]), "img_ids": img_ids, "txt_ids": torch.zeros(text_tokens, 3),
+          "return_dict": False}
+    if cfg.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5])
+    return kw
+
+
 def write_tiny_flux_folder(folder: Path, seed: int = 0, guidance: bool = True, **transformer_kwargs) -> Path:
     """A diffusers folder (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)."""
     from diffusers import FluxPipeline
