@@ -129,6 +129,9 @@ def _unwrap(root: torch.nn.Module) -> None:
 
 def file_family(metadata: dict[str, str], stems: set[str]) -> Optional[str]:
     version = metadata.get("ss_base_model_version", "")
+    if version.startswith("flux") or any(s.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
+                                         for s in stems):
+        return "flux"
     if version.startswith("sdxl"):
         return "sdxl"
     if version.startswith("sd_v2"):

@@ -47,6 +47,10 @@ class FluxModel:
         return BASE_MODEL_VERSION[self.variant]
 
     @property
+    def modelspec_architecture(self) -> str:
+        return MODELSPEC_ARCH[self.variant]
+
+    @property
     def v_prediction(self) -> bool:
         return False
 
