@@ -82,3 +82,32 @@ def test_flux_is_detected_and_sd_options_that_do_not_apply_are_refused(flux_dir,
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         kind_for_config(base_config(base_model=str(flux_dir))).load(
             base_config(base_model=str(flux_dir), min_snr_gamma=5.0), print, None)
+
+
+def test_single_file_flux_trains_and_continues_from_its_own_lora(flux_dir, tmp_path):
+    """BFL transformer file + components folder; the written (fused) LoRA is read back to continue training."""
+    from diffusers import FluxTransformer2DModel
+
+    from lora_trainer.train.trainer import Trainer
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer")
+    path = tiny.write_bfl_transformer(transformer, tmp_path / "flux1-tiny.safetensors")
+    data = make_images(tmp_path / "data", n=2, sizes=((64, 64),))
+    keys = dict(base_model=str(path), flux_components=str(flux_dir), train_data_dir=str(data), resolution=64,
+                max_bucket_reso=64, max_train_steps=2, save_precision="fp32", timestep_sampling="flux_shift")
+    first = Trainer(base_config(output_dir=str(tmp_path / "a"), **keys)).run()
+    sd, _ = read_lora(first.lora_path)
+    assert meta_of(first.lora_path)["ss_sd_model_name"] == "flux1-tiny.safetensors"
+    # the fused file reads back into per-module LoRAs exactly
+    from lora_trainer.models.flux.loader import load_flux
+    from lora_trainer.network.base import create_network
+
+    net = create_network(load_flux(str(path), str(flux_dir), log_fn=lambda *_: None), base_config(**keys))
+    net.load_state_dict(sd)
+    assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())
+    cont = Trainer(base_config(output_dir=str(tmp_path / "b"), init_lora_weights=str(first.lora_path), **keys)).run()
+    assert cont.status == "finished"
+
+
+def meta_of(path):
+    return read_lora(path)[1]
