@@ -47,10 +47,20 @@ class TrainConfig:
     base_model: Optional[str] = _opt(None, "single-file checkpoint (.safetensors/.ckpt), diffusers folder or hub id",
                                      group="model")
     model_family: str = _opt("auto", "model family; auto detects it from the weights",
-                             choices=["auto", "sd1", "sd2", "sdxl"], group="model")
+                             choices=["auto", "sd1", "sd2", "sdxl", "flux"], group="model")
     v_parameterization: Union[bool, str] = _opt("auto", "v-prediction model (SD2 768-v); auto reads it from the "
                                                  "model's config or yaml", group="model")
     vae: Optional[str] = _opt(None, "optional VAE file or folder that replaces the checkpoint's VAE")
+    flux_components: Optional[str] = _opt(None, "FLUX.1 from a single transformer file: the diffusers-layout folder "
+                                          "with its vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ "
+                                          "and scheduler/ (default: a same-named folder beside the file)")
+    timestep_sampling: str = _opt("sigmoid", "FLUX.1: how noise levels are drawn (uniform, sigmoid = logit-normal, "
+                                  "shift, flux_shift = shifted by the image size)",
+                                  choices=["uniform", "sigmoid", "shift", "flux_shift"])
+    sigmoid_scale: float = _opt(1.0, "FLUX.1: spread of the logit-normal noise levels", min=0.0)
+    discrete_flow_shift: float = _opt(3.0, "FLUX.1: the shift of timestep_sampling: shift", min=0.0)
+    guidance_scale: float = _opt(1.0, "FLUX.1 dev: the guidance value the transformer is given while training",
+                                 min=0.0)
     clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
                           min=1, max=12)
 

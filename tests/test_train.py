@@ -141,7 +141,7 @@ def test_training_lowers_the_loss_on_its_images(tiny_files, tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_checkpoint(tiny_files, tmp_path, monkeypatch):
-    from lora_trainer.train import trainer as trainer_mod
+    from lora_trainer.train import kinds as trainer_mod  # the SD kind computes the loss
 
     cfg = _resume_config(tiny_files, tmp_path, tmp_path / "n", save_steps=2)
     real = trainer_mod.diffusion_loss
@@ -240,7 +240,7 @@ def test_sigint_saves_a_resumable_checkpoint(tiny_files, tmp_path):
 
 
 def test_out_of_memory_gives_remedies(tiny_files, tmp_path, monkeypatch):
-    from lora_trainer.train import trainer as trainer_mod
+    from lora_trainer.train import kinds as trainer_mod  # the SD kind computes the loss
 
     data = make_images(tmp_path / "data", n=2)
     cfg = base_config(base_model=str(tiny_files["sd1"]), train_data_dir=str(data), output_dir=str(tmp_path / "o"),

@@ -77,7 +77,8 @@ def detect_family(sd: dict[str, torch.Tensor]) -> str:
         emb = sd.get(names.SD1_TE_PREFIX + "text_model.embeddings.token_embedding.weight")
         return "sd2" if emb is not None and emb.shape[1] == 1024 else "sd1"
     if any(k.startswith("model.diffusion_model.joint_blocks") or "double_blocks" in k for k in keys):
-        raise ModelLoadError("SD3 and Flux checkpoints are not supported yet (SD1, SD2 and SDXL are)")
+        raise ModelLoadError("this is an SD3 or FLUX.1 checkpoint: SD3 is not supported; FLUX.1 trains with "
+                             "model_family: auto or flux (not through this SD loader)")
     raise ModelLoadError("cannot tell the model family: no known text encoder weights were found "
                          "(expected cond_stage_model.* or conditioner.embedders.*)")
 

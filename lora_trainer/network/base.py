@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, TrainConfig
+from .fused import layout_of
 from .targets import Target, all_targets
 
 TYPE_NAMES = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}
@@ -69,6 +70,8 @@ class NetworkBase:
                                                             cfg.trains_convs, cfg.clip_skip)
         self.layers: dict[str, torch.nn.Module] = {}
         self._components: dict[str, torch.nn.Module] = {}
+        # how our modules map to the file's (identity unless the file fuses modules we train apart)
+        self.file_layout = layout_of(self.targets, self._component_module)
 
     def _component_module(self, component: str) -> torch.nn.Module:
         if component == "unet":

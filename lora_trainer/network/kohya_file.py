@@ -117,7 +117,8 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_dataset_dirs": json.dumps(dataset_dirs) if dataset_dirs else None,
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs) if reg_dataset_dirs else None,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": modelspec_arch(model.family, model.v_prediction),
+        "modelspec.architecture": getattr(model, "modelspec_architecture", None)
+        or modelspec_arch(model.family, model.v_prediction),
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": cfg.name,
         "modelspec.resolution": f"{w}x{h}",

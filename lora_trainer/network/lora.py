@@ -59,10 +59,11 @@ class LoraNetwork(NetworkBase):
             out[f"{stem}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
             out[f"{stem}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
             out[f"{stem}.alpha"] = torch.tensor(alpha, dtype=dtype)
-        return out
+        return self.file_layout.to_file(out)
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], source: str = "LoRA file") -> None:
         """Loads kohya-format weights; refuses files that do not fit this network (family, type, rank, targets)."""
+        sd = self.file_layout.from_file(sd, source)
         self.check_file(sd, source)
         with torch.no_grad():
             for stem, layer in self.layers.items():
@@ -128,6 +129,9 @@ def _unwrap(root: torch.nn.Module) -> None:
 
 def file_family(metadata: dict[str, str], stems: set[str]) -> Optional[str]:
     version = metadata.get("ss_base_model_version", "")
+    if version.startswith("flux") or any(s.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_"))
+                                         for s in stems):
+        return "flux"
     if version.startswith("sdxl"):
         return "sdxl"
     if version.startswith("sd_v2"):

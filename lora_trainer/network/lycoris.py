@@ -12,7 +12,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from .adapters import FACTORS, AdaptedLayer
-from .base import NetworkBase
+from .base import TYPE_NAMES, NetworkBase
 
 _FACTOR_OPTIONS = ("lokr_factor", "decompose_both", "lokr_full_rank", "use_tucker")
 
@@ -20,6 +20,10 @@ _FACTOR_OPTIONS = ("lokr_factor", "decompose_both", "lokr_full_rank", "use_tucke
 class AdaptedNetwork(NetworkBase):
     def __init__(self, model, cfg: TrainConfig):
         super().__init__(model, cfg)
+        if self.file_layout.groups:
+            raise ConfigError(f"{TYPE_NAMES[self.network_type]}{' with DoRA' if self.use_dora else ''} cannot be "
+                              f"written for this model's fused modules (e.g. {self.file_layout.groups[0].stem}); "
+                              f"use network_type: lora without DoRA or dropouts")
         factor_cls = FACTORS[self.network_type]
         options = {k: getattr(cfg, k) for k in _FACTOR_OPTIONS}
         for component, targets in self.targets.items():

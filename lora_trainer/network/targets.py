@@ -27,6 +27,7 @@ class Target:
     module: str      # module path in our (diffusers / transformers) model
     kohya: str       # kohya key stem, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
     conv3x3: bool    # gets conv_rank / conv_alpha
+    fused: str = ""  # the file's stem when this module is one part of a fused module there (network/fused.py)
 
 
 def _is_lora_able(m: torch.nn.Module) -> bool:
@@ -79,6 +80,9 @@ def used_text_layers(model, index: int, clip_skip: int) -> int:
 
 def all_targets(model, train_unet: bool, train_text_encoder: bool, conv_lora: bool, clip_skip: int = 1
                 ) -> dict[str, list[Target]]:
+    kind_targets = _kind_targets().get(model.family)
+    if kind_targets is not None:
+        return kind_targets(model, train_unet, train_text_encoder, conv_lora, clip_skip)
     targets: dict[str, list[Target]] = {}
     if train_unet:
         targets["unet"] = unet_targets(model.unet, model.family, conv_lora)
@@ -88,3 +92,10 @@ def all_targets(model, train_unet: bool, train_text_encoder: bool, conv_lora: bo
             component = "te" if len(prefixes) == 1 else f"te{i + 1}"
             targets[component] = text_encoder_targets(te, prefixes[i], component, used_text_layers(model, i, clip_skip))
     return targets
+
+
+def _kind_targets() -> dict:
+    """Families with targets of their own (each in its module, imported when used)."""
+    from .flux_targets import flux_targets
+
+    return {"flux": flux_targets}

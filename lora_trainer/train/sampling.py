@@ -80,15 +80,16 @@ def render(model: BaseModel, prompt: str, *, seed: int, steps: int, cfg_scale: f
 
 def save_samples(model: BaseModel, prompts: list[str], folder: Path, tag: str, *, seed: int, steps: int,
                  cfg_scale: float, width: int, height: int, clip_skip: int = 1, stop=None,
-                 on_image: Optional[Callable[[int, int], None]] = None) -> list[Path]:
-    """on_image(i, n) is called before image i (1-based) of n is rendered."""
+                 on_image: Optional[Callable[[int, int], None]] = None, render_fn=None) -> list[Path]:
+    """on_image(i, n) is called before image i (1-based) of n is rendered. render_fn: another family's
+    `render` (same arguments)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, prompt in enumerate(prompts):
         if on_image is not None:
             on_image(i + 1, len(prompts))
-        image = render(model, prompt, seed=seed + i, steps=steps, cfg_scale=cfg_scale, width=width, height=height,
-                       clip_skip=clip_skip, stop=stop)
+        image = (render_fn or render)(model, prompt, seed=seed + i, steps=steps, cfg_scale=cfg_scale, width=width,
+                                      height=height, clip_skip=clip_skip, stop=stop)
         path = folder / f"{tag}_{i:02d}.png"
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
         try:

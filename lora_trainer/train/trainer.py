@@ -1,4 +1,4 @@
-"""The LoRA training loop for Stable Diffusion (SD1, SD2, SDXL).
+"""The LoRA training loop for image models (SD1, SD2, SDXL, FLUX.1: each a model kind, train/kinds.py).
 
 Public API (used by the CLI and the WebUI tab): `Trainer(cfg, events, stop, model=None).run()`.
 Everything the outside sees goes through `events` (design.md); `stop.set()` ends the run at the next
@@ -10,6 +10,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +18,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig
 from ..fsutil import remove_leftovers
-from ..models.base import BaseModel, encode_prompts, sdxl_time_ids
+from ..models.base import BaseModel
 from ..network.kohya_file import new_session_id, save_lora, training_metadata, write_sidecar_json
 from ..network.base import create_network
 from . import state as ckpt
@@ -29,9 +30,9 @@ from .run_guards import (disk_space_for_run, failure_message, new_run_name, read
                          set_aside_earlier_run, write_message)
 from .errors import TrainingFailed
 from .events import EventBus, StepTimer
-from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
+from .kinds import kind_for_config, kind_of
 from .optim import make_optimizer, make_scheduler
-from .sampling import load_prompts, sample_size, save_samples
+from .sampling import load_prompts, sample_size
 from .tblog import ScalarLog
 
 OOM_ADVICE = ("out of memory. Try, in this order: batch_size: 1 with gradient_accumulation_steps to keep the "
@@ -130,12 +131,10 @@ class Trainer:
         return autocast_dtype
 
     def _load_model(self, weights_dtype: torch.dtype) -> BaseModel:
-        from ..models.loader import load_base_model
-
         if self.model is None:
             self.cfg.require("base_model")
-            self.model = load_base_model(self.cfg.base_model, self.cfg.model_family, self.cfg.v_parameterization,
-                                         self.cfg.vae, log_fn=self.log, dtype=weights_dtype)
+            self.model = kind_for_config(self.cfg).load(self.cfg, self.log, weights_dtype)
+        self.kind = kind_of(self.model)  # the family-specific parts of the run
         return self.model
 
     # --- the run ------------------------------------------------------------------------------------
@@ -352,11 +351,11 @@ class Trainer:
                 return
             try:
                 with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    paths = save_samples(model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
-                                         steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
-                                         clip_skip=cfg.clip_skip, stop=self.stop,
-                                         on_image=lambda i, n: self.phase(f"rendering sample {i}/{n}", global_step,
-                                                                          total_steps))
+                    paths = self.kind.save_samples(
+                        model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
+                        steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
+                        clip_skip=cfg.clip_skip, stop=self.stop,
+                        on_image=lambda i, n: self.phase(f"rendering sample {i}/{n}", global_step, total_steps))
             except StopRequested:
                 self.log("sample rendering skipped: stop requested")
                 return
@@ -468,7 +467,7 @@ class Trainer:
             self.log(f"{cfg.name}.safetensors already exists; saved as {final.name} instead (overwrite: true replaces)")
         trigger = cfg.caption_prefix.strip().strip(",").strip()
         try:
-            write_sidecar_json(final, trigger, 1.0, {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[model.family])
+            write_sidecar_json(final, trigger, 1.0, self.kind.card_version(model))
         except OSError as e:  # the card's text only; the LoRA itself is saved
             self.log(f"the LoRA card file was not written: {write_message(final.with_suffix('.json'), e)}")
         samples(f"{final.stem}_final")
@@ -505,10 +504,9 @@ class Trainer:
         cfg, model = self.cfg, self.model
         draws = global_draws[share.start:share.end]
         batch = [i for i, _ in draws]
-        if not draws:
-            shape = (share.total, *self._latent_shape(ds.items[global_draws[0][0]].bucket))
-            sample_noise(shape, generator, cfg.noise_offset)
-            sample_timesteps(share.total, model.noise_scheduler.config.num_train_timesteps, generator, "cpu")
+        if not draws:  # the draws still advance the generator, as on the other processes
+            shape = self.kind.latent_shape(model, ds.items[global_draws[0][0]].bucket)
+            self.kind.draw(model, cfg, (share.total, *shape), generator)
             return None
         if cache is not None:
             latents = torch.stack([cache.get(self.latents.key(ds, i)) for i in batch]).to(self.device)
@@ -520,53 +518,15 @@ class Trainer:
         weights = torch.tensor([ds.items[i].loss_weight for i in batch], dtype=torch.float32)
 
         part = slice(share.start, share.end)
-        noise = sample_noise((share.total, *latents.shape[1:]), generator, cfg.noise_offset)[part]
-        noise = noise.to(latents.device, latents.dtype)
-        timesteps = sample_timesteps(share.total, model.noise_scheduler.config.num_train_timesteps, generator,
-                                     "cpu")[part].to(self.device)
-        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(model.noise_scheduler, latents, noise, timesteps)
-
-        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            embeds, pooled = self._text(captions, text_cache)
-            kwargs = {}
-            if model.family == "sdxl":
-                time_ids = torch.cat([sdxl_time_ids(m["original_size"], m["crop_top_left"], m["target_size"],
-                                                    self.device, torch.float32) for m in meta])
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-            pred = model.unet(noisy, timesteps, encoder_hidden_states=embeds, **kwargs).sample
-        return diffusion_loss(pred, target, timesteps, model.noise_scheduler, cfg.min_snr_gamma, weights)
-
-    def _latent_shape(self, bucket) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.model.vae.config.block_out_channels) - 1)
-        return self.model.unet.config.in_channels, bucket[1] // factor, bucket[0] // factor
+        noise, timesteps = self.kind.draw(model, cfg, (share.total, *latents.shape[1:]), generator)
+        noise = noise[part].to(latents.device, latents.dtype)
+        timesteps = timesteps[part].to(self.device)
+        autocast = partial(torch.autocast, self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        return self.kind.loss(model, cfg, latents, noise, timesteps, captions, meta, weights,
+                              lambda c: self._text(c, text_cache), autocast)
 
     def _text(self, captions: list[str], text_cache: OrderedDict):
-        cfg, model = self.cfg, self.model
-        if cfg.train_text_encoder:
-            embeds, pooled, _ = encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length)
-            return embeds, pooled
-        # Frozen text encoders: each distinct caption is encoded once (an LRU of a few thousand entries).
-        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-        if missing:
-            with torch.no_grad():
-                embeds, pooled, truncated = encode_prompts(model, missing, cfg.clip_skip, cfg.max_token_length)
-            if truncated:
-                self.log(f"{truncated} caption(s) longer than {cfg.max_token_length} tokens were truncated")
-            for j, c in enumerate(missing):
-                text_cache[c] = (embeds[j:j + 1], None if pooled is None else pooled[j:j + 1])
-                if len(text_cache) > 4096:
-                    text_cache.popitem(last=False)
-        parts = [text_cache[c] for c in captions]
-        width = max(p[0].shape[1] for p in parts)
-        if any(p[0].shape[1] != width for p in parts):
-            # captions of different lengths in one batch: fill with empty chunks, as encode_prompts does
-            empty = self._text([""], text_cache)[0][:, :77]
-            parts = [(torch.cat([p[0]] + [empty] * ((width - p[0].shape[1]) // 77), dim=1), p[1]) for p in parts]
-        embeds = torch.cat([p[0] for p in parts])
-        pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-        return embeds, pooled
-
+        return self.kind.encode_text(self.model, self.cfg, captions, text_cache, self.log)
 
 
 def _center_crop_geometry(item) -> dict:

@@ -1,0 +1,93 @@
+"""FLUX.1 as a model kind: rectified-flow objective on packed latents, T5 + CLIP conditioning, FluxPipeline samples."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError
+from ..models.flux import objective as flow
+from ..models.flux.model import encode_flux_prompts
+from .loss import diffusion_loss, sample_noise
+
+
+class FluxKind:
+    name = "flux"
+
+    def load(self, cfg, log, dtype: Optional[torch.dtype]):
+        from ..models.flux.loader import load_flux
+
+        if cfg.min_snr_gamma:
+            raise ConfigError("min_snr_gamma weights a DDPM schedule; FLUX.1 trains on a flow schedule: set "
+                              "min_snr_gamma: 0 (timestep_sampling shapes which noise levels are trained)")
+        return load_flux(cfg.base_model, cfg.flux_components, dtype, log)
+
+    def card_version(self, model) -> str:
+        return "Unknown"  # the WebUIs' LoRA card knows SD1, SD2 and SDXL only
+
+    def latent_shape(self, model, bucket) -> tuple[int, int, int]:
+        factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        return model.vae.config.latent_channels, bucket[1] // factor, bucket[0] // factor
+
+    def draw(self, model, cfg, shape: tuple, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and one sigma in (0, 1) per sample (the transformer's timestep input)."""
+        noise = sample_noise(shape, generator, cfg.noise_offset)
+        tokens = (shape[2] // 2) * (shape[3] // 2)
+        sigmas = flow.sample_sigmas(shape[0], cfg.timestep_sampling, generator=generator,
+                                    sigmoid_scale=cfg.sigmoid_scale, shift=cfg.discrete_flow_shift,
+                                    image_seq_len=tokens)
+        return noise, sigmas
+
+    def loss(self, model, cfg, latents, noise, sigmas, captions, meta, weights, text, autocast) -> torch.Tensor:
+        with autocast():
+            seq, pooled = text(captions)
+            pred, target = flow.predict(model.transformer, latents, noise, sigmas, seq, pooled,
+                                        guidance=cfg.guidance_scale)
+        return diffusion_loss(pred, target, sigmas, None, None, weights)  # plain MSE on the velocity
+
+    def encode_text(self, model, cfg, captions: list[str], text_cache: OrderedDict, log):
+        if cfg.train_text_encoder:
+            return encode_flux_prompts(model, captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+        if missing:
+            with torch.no_grad():
+                seq, pooled = encode_flux_prompts(model, missing)
+            for j, c in enumerate(missing):
+                text_cache[c] = (seq[j:j + 1], pooled[j:j + 1])
+                if len(text_cache) > 4096:
+                    text_cache.popitem(last=False)
+        return (torch.cat([text_cache[c][0] for c in captions]), torch.cat([text_cache[c][1] for c in captions]))
+
+    def save_samples(self, model, prompts, folder, tag, **kwargs):
+        from .sampling import save_samples
+
+        return save_samples(model, prompts, folder, tag, render_fn=render_flux, **kwargs)
+
+
+@torch.no_grad()
+def render_flux(model, prompt: str, *, seed: int, steps: int, cfg_scale: float, width: int, height: int,
+                stop=None, output_type: str = "pil", **_):
+    """One image with FluxPipeline and our prompt embeddings; cfg_scale is dev's distilled guidance."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(transformer=model.transformer, vae=model.vae, text_encoder=model.text_encoders[0],
+                        tokenizer=model.tokenizers[0], text_encoder_2=model.text_encoders[1],
+                        tokenizer_2=model.tokenizers[1], scheduler=model.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    seq, pooled = encode_flux_prompts(model, [prompt])
+    kwargs = {}
+    if stop is not None:
+        def check_stop(_pipe, _i, _t, callback_kwargs):
+            stop.check()
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = check_stop
+    was_training = model.transformer.training
+    model.transformer.eval()
+    try:
+        return pipe(prompt_embeds=seq, pooled_prompt_embeds=pooled, num_inference_steps=steps,
+                    guidance_scale=cfg_scale, width=width, height=height, output_type=output_type,
+                    generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
+    finally:
+        model.transformer.train(was_training)
