@@ -271,17 +271,50 @@ def test_shipped_accelerate_configs_are_valid_and_unsupported_engines_are_refuse
     folder = ROOT / "configs" / "accelerate"
     kinds = {p.name: str(load_config_from_file(str(p)).distributed_type) for p in sorted(folder.glob("*.yaml"))}
     assert kinds == {"multi_gpu.yaml": "DistributedType.MULTI_GPU", "multi_node.yaml": "DistributedType.MULTI_GPU",
-                     "fsdp.yaml": "DistributedType.FSDP"}
-    assert "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m lora_trainer train" in \
-        (folder / "multi_gpu.yaml").read_text()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="asks for DeepSpeed.*configs/accelerate/fsdp.yaml"):
-        Processes.from_environment("cpu")
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="a Stable Diffusion UNet fits one GPU"):
-        Trainer(base_config())
+                     "fsdp.yaml": "DistributedType.FSDP", "zero2.yaml": "DistributedType.DEEPSPEED",
+                     "zero3.yaml": "DistributedType.DEEPSPEED"}
+    stages = {name: load_config_from_file(str(folder / name)).deepspeed_config["zero_stage"]
+              for name in ("zero2.yaml", "zero3.yaml")}
+    assert stages == {"zero2.yaml": 2, "zero3.yaml": 3}
+    for name in kinds:
+        assert f"accelerate launch --config_file configs/accelerate/{name} -m lora_trainer train" in \
+            (folder / name).read_text()
+    # an image LoRA is data parallel only
+    for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(variable, "true")
+        with pytest.raises(ConfigError, match="a Stable Diffusion UNet fits one GPU"):
+            Trainer(base_config())
+        monkeypatch.delenv(variable)
+
+
+def test_zero_config_comes_from_accelerate_and_ours(monkeypatch, tmp_path):
+    from lora_trainer.config import ConfigError
+    from lora_trainer.text.zero import zero_config
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+    got = zero_config(batch_size=2, accumulation=4, max_grad_norm=1.0)
+    assert got["train_micro_batch_size_per_gpu"] == 2 and got["gradient_accumulation_steps"] == 4
+    assert got["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert got["gradient_clipping"] == 1.0 and got["managed_gradient_accumulation"] is False
+    # a deepspeed_config_file lends its ZeRO section; batch sizes, optimizer and precision stay ours
+    file = tmp_path / "ds.json"
+    file.write_text('{"train_micro_batch_size_per_gpu": 64, "bf16": {"enabled": true}, '
+                    '"zero_optimization": {"stage": 2, "overlap_comm": true}}')
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(file))
+    got = zero_config(batch_size=2, accumulation=1, max_grad_norm=0.0)
+    assert got["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert got["train_micro_batch_size_per_gpu"] == 2 and "bf16" not in got
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match="stage 2 .* or 3"):
+        zero_config(batch_size=2, accumulation=1, max_grad_norm=0.0)
+    file.write_text("{not json")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    with pytest.raises(ConfigError, match="cannot be read as JSON"):
+        zero_config(batch_size=2, accumulation=1, max_grad_norm=0.0)
 
 
 def test_text_lora_with_fsdp_on_two_processes_equals_one_and_its_checkpoint_resumes(text_runs):
@@ -309,6 +342,40 @@ def test_text_lora_with_fsdp_on_two_processes_equals_one_and_its_checkpoint_resu
                                             output_name="resumed", resume_from_checkpoint=str(checkpoint))),
                          EventBus(), StopFlag())
     assert diff(resumed, text_runs["one5"]) <= FLOAT_TOLERANCE
+
+
+def test_text_lora_with_deepspeed_zero_2_and_3_equals_one_process_and_resumes_across_stages(text_runs):
+    """ZeRO-2 on 2 CPU processes (gloo) gives the single-process adapter; its checkpoint is continued by ZeRO-3
+    (base weights partitioned too) to the same adapter as the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tmp = text_runs["tmp"]
+    config = _yaml(tmp / "zero.yaml", dict(text_runs["keys5"], batch_size=2, output_dir=str(tmp / "zero")))
+    code, out = accelerate_launch("zero2.yaml", ["-m", "lora_trainer", "train", "--config", str(config)], tmp)
+    assert code == 0, out[-4000:]
+    assert "DeepSpeed ZeRO-2: gradients and optimizer state partitioned over the processes" in out
+
+    def diff(a_dir, b_dir):
+        a = load_file(str(a_dir / "adapter_model.safetensors"))
+        b = load_file(str(b_dir / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    one5 = text_runs["one5"]
+    assert diff(one5, tmp / "zero" / "adapter") <= FLOAT_TOLERANCE
+    assert diff(one5.parent / "checkpoint-2" / "adapter", tmp / "zero" / "checkpoint-2" / "adapter") <= FLOAT_TOLERANCE
+    # the stopped run: its first checkpoint only, continued under ZeRO-3 (the optimizer state goes into
+    # DeepSpeed's partitions)
+    shutil.rmtree(tmp / "zero" / "checkpoint-4")
+    shutil.rmtree(tmp / "zero" / "adapter")
+    code, out = accelerate_launch("zero3.yaml", ["-m", "lora_trainer", "train", "--config", str(config),
+                                                 "--resume_from_checkpoint", "latest"], tmp)
+    assert code == 0, out[-4000:]
+    assert "DeepSpeed ZeRO-3: base weights" in out and "resumed from" in out
+    assert diff(one5, tmp / "zero" / "adapter") <= FLOAT_TOLERANCE
 
 
 def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(tiny_files, tmp_path):

@@ -28,6 +28,7 @@ from ..fsutil import free_path, write_folder_atomically
 from .model import SAVE_DTYPES, add_lora, load_causal_lm, load_tokenizer, save_adapter_files, trainable_state
 from .quantization import check_quantization, prepare_quantized, quantization_kwargs, quantization_note
 from .sharding import SavedState, ShardedModel, fsdp_requested
+from .zero import ZeroModel, deepspeed_requested
 from .templates import IGNORE_INDEX, template_note
 
 MAX_ISSUE_MESSAGES = 20
@@ -171,6 +172,10 @@ class _TextRun:
         self.scaler = torch.amp.GradScaler("cuda") if self.use_scaler else None
         if resume is not None:
             self._resume(resume)
+        self.zero = None
+        if deepspeed_requested():  # after the resume: the engine takes the weights and optimizer state as loaded
+            self.zero = self.sharded = ZeroModel(model, self.optimizer, cfg, self.procs)
+            self.msg(self.zero.describe())
         self.log = ScalarLog(Path(cfg.logging_dir or self.out_dir / "logs")
                              if cfg.log_with == "tensorboard" and self.procs.is_main else None)
         batch_note = effective_batch_note(cfg.batch_size, self.procs.world, cfg.gradient_accumulation_steps)
@@ -327,7 +332,7 @@ class _TextRun:
         n_tokens = sum(self.data.train[i].n_targets for mb in window for i in mb)
         lr = float(self.optimizer.param_groups[0]["lr"])
         total = 0.0
-        sharded = self.sharded is not None
+        sharded, zero = self.sharded is not None, self.zero
         for mb in window:
             share = procs.share(len(mb), cfg.batch_size)
             if not share.size and not sharded:
@@ -337,14 +342,18 @@ class _TextRun:
             items = mb[share.start:share.end] or mb[:1]
             b = collate([self.data.train[i] for i in items], self.pad_id)
             b = {k: v.to(self.device) for k, v in b.items()}
+            net = zero.engine if zero is not None else self.model  # DeepSpeed's forward prepares its backward
             with self._autocast():
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             s = loss_sum(logits, b["labels"]) * (1.0 if share.size else 0.0)
             if not procs.distributed and not torch.isfinite(s):
                 self._nan(s)
-            # FSDP averages the gradients over the processes; the others are summed below
+            # FSDP and DeepSpeed average the gradients over the processes; the others are summed below
             loss = s * (procs.world if sharded else 1) / n_tokens
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if zero is not None:
+                zero.backward(loss)
+            else:
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += float(s.detach())
         total, stops = procs.sum_gradients([] if sharded else self.params,
                                            [total, 1.0 if self.stop.is_set() else 0.0])
@@ -353,6 +362,10 @@ class _TextRun:
             self.stop.set("stop requested by another process")
         if not math.isfinite(total):
             self._nan(torch.tensor(total))
+        if zero is not None:  # the engine clips, steps and clears the gradients
+            grad_norm = zero.step()
+            self.scheduler.step()
+            return total / n_tokens, lr, grad_norm
         grad_norm = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

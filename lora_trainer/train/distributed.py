@@ -84,13 +84,6 @@ class Processes:
     @classmethod
     def from_environment(cls, device_name: str = "auto") -> "Processes":
         """Joins the process group when a launcher started several processes; a single process otherwise."""
-        if requested_engine() == "DeepSpeed":
-            from ..config import ConfigError
-
-            raise ConfigError("this launch asks for DeepSpeed (accelerate config distributed_type: DEEPSPEED), which "
-                              "lora-trainer does not drive: for a text-generation model too large for one GPU launch "
-                              "with configs/accelerate/fsdp.yaml (FSDP) or use load_in_4bit (QLoRA); otherwise "
-                              "configs/accelerate/multi_gpu.yaml")
         if launched_world_size() <= 1:
             return cls.single()
         from accelerate import PartialState

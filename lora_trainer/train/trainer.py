@@ -83,9 +83,11 @@ class Trainer:
         self.network = None
         self._remove_network = model is not None and not keep_network
         self.procs = processes if processes is not None else Processes.single()
-        if requested_engine() == "FSDP":
-            raise ConfigError("FSDP (configs/accelerate/fsdp.yaml) shards text-generation models; a Stable Diffusion "
-                              "UNet fits one GPU: launch with configs/accelerate/multi_gpu.yaml (data parallel)")
+        engine = requested_engine()
+        if engine:
+            raise ConfigError(f"{engine} (configs/accelerate/{'fsdp' if engine == 'FSDP' else 'zero2/zero3'}.yaml) "
+                              f"shards text-generation models; a Stable Diffusion UNet fits one GPU: launch with "
+                              f"configs/accelerate/multi_gpu.yaml (data parallel)")
         self.device = self.procs.device if self.procs.distributed else pick_device(cfg.device)
 
     def log(self, msg: str) -> None:
