@@ -70,6 +70,23 @@ def test_shipped_example_configs_are_valid(name):
     assert cfg.base_model and cfg.train_data_dir and cfg.output_dir
 
 
+def test_flux_example_config_is_a_flux_dev_lora_with_the_usual_settings():
+    from lora_trainer.train.kinds import kind_for_config
+
+    cfg = load_yaml(ROOT / "configs" / "flux_character.yaml")
+    assert cfg.model_family == "flux" and kind_for_config(cfg).name == "flux"
+    assert cfg.base_model.endswith(".safetensors") and cfg.flux_components  # BFL file + components folder
+    assert cfg.timestep_sampling in ("sigmoid", "flux_shift") and cfg.guidance_scale == 1.0
+    assert not cfg.min_snr_gamma  # FluxKind refuses DDPM loss weighting
+    assert (cfg.lora_rank, cfg.effective_alpha, cfg.learning_rate) == (16, 16.0, 1e-4)
+    assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.cache_latents
+    assert not cfg.train_text_encoder and cfg.caption_prefix.strip()
+    assert 1000 <= cfg.max_train_steps <= 2000 and 0 < cfg.save_steps < cfg.max_train_steps
+    for line in (ROOT / "configs" / "flux_character.yaml").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):  # every top-level key says what it is for
+            assert "#" in line, line
+
+
 def test_every_option_of_every_subcommand_is_described_and_defaults_said_once():
     import argparse
 
