@@ -231,84 +231,44 @@ def run_ours(v: Variant, model, data: Path, out: Path, meter) -> dict:
     return {"stamps": stamps, "cpu": cpu, "t0": t0, "losses": result.losses, "total_s": total, "mem": mem, **info}
 
 
-def run_reference(v: Variant, model, data: Path, meter) -> dict:
-    """The minimal standard loop (diffusers' train_text_to_image_lora.py without accelerate)."""
-    import numpy as np
+def reference_dtype(v: Variant):
+    """The frozen weights' dtype in the reference loops."""
     import torch
-    import torch.nn.functional as F
-    from peft import LoraConfig
-    from PIL import Image
 
-    device = torch.device(v.device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[v.precision]
     if v.device == "cpu" and weight_dtype == torch.float16:
         weight_dtype = torch.bfloat16  # as our trainer does: no fp16 autocast on the CPU
-    unet, vae = model.unet, model.vae
-    scheduler = model.noise_scheduler  # DDPMScheduler, epsilon
-    meter.start()
-    t0 = time.perf_counter()
-    unet.requires_grad_(False)
-    vae.requires_grad_(False)
-    for te in model.text_encoders:
-        te.requires_grad_(False)
+    return weight_dtype
 
-    # Precompute: latents with the VAE, text embeddings with the frozen encoder(s).
-    vae.to(device)
-    latents = []
-    images = sorted(data.glob("*.png"))
-    with torch.no_grad():
-        for path in images:
-            arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-            px = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device)
-            latents.append(vae.encode(px).latent_dist.sample() * vae.config.scaling_factor)
-    latents = torch.cat(latents)
-    captions = [p.with_suffix(".txt").read_text() for p in images]
-    with torch.no_grad():
-        hidden, pooled = [], None
-        for i, (te, tok) in enumerate(zip(model.text_encoders, model.tokenizers)):
-            te.to(device)
-            ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            out = te(ids.to(device), output_hidden_states=True)
-            if model.family == "sdxl":
-                hidden.append(out.hidden_states[-2])
-                if i == 1:
-                    pooled = out.text_embeds
-            else:
-                hidden.append(out.last_hidden_state)
-        text = torch.cat(hidden, dim=-1)
-    model.vae.to("cpu")
-    for te in model.text_encoders:
-        te.to("cpu")
 
-    unet.to(device, dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True, target_modules=REF_TARGETS))
-    params = [p for p in unet.parameters() if p.requires_grad]
+def add_reference_lora(denoiser, targets: list[str], device, weight_dtype):
+    """diffusers' set-up: the frozen model in weight_dtype, add_adapter(LoraConfig) on `targets`, the LoRA in
+    fp32, AdamW; a GradScaler for fp16 on CUDA. -> (params, optimizer, scaler, number of LoRA layers)."""
+    import torch
+    from peft import LoraConfig
+
+    denoiser.to(device, dtype=weight_dtype)
+    denoiser.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=True, target_modules=targets))
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # cast_training_params: the LoRA trains in fp32
-    n_layers = sum(1 for n, _ in unet.named_modules() if n.endswith(".lora_A"))
+    n_layers = sum(1 for n, _ in denoiser.named_modules() if n.endswith(".lora_A"))
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    unet.train()
-    autocast = weight_dtype != torch.float32
+    denoiser.train()
     # fp16 needs loss scaling (accelerate's GradScaler in diffusers' scripts); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler("cuda") if weight_dtype == torch.float16 and device.type == "cuda" else None
-    gen = torch.Generator("cpu").manual_seed(SEED)
-    T = scheduler.config.num_train_timesteps
-    h = w = v.resolution
+    cuda_fp16 = weight_dtype == torch.float16 and torch.device(device).type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
+    return params, optimizer, scaler, n_layers
+
+
+def reference_loop(v: Variant, batch_loss, params, optimizer, scaler, meter, t0: float, n_layers: int) -> dict:
+    """The reference's training steps: batch_loss() (the forward pass), backward, clip_grad_norm_(1.0), the
+    optimizer step, zero_grad; each step's end is stamped. -> run_reference's result."""
+    import torch
 
     stamps, cpu, losses = [], [], []
     for _ in range(v.warmup + v.steps):
-        idx = torch.randint(0, len(latents), (v.batch,), generator=gen).to(device)
-        x0 = latents[idx]
-        noise = torch.randn_like(x0)
-        timesteps = torch.randint(0, T, (v.batch,), device=device).long()
-        noisy = scheduler.add_noise(x0, noise, timesteps)
-        kwargs = {}
-        if model.family == "sdxl":
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=torch.float32).repeat(v.batch, 1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[idx], "time_ids": time_ids}
-        with torch.autocast(device.type, dtype=weight_dtype, enabled=autocast):
-            pred = unet(noisy, timesteps, text[idx], return_dict=False, **kwargs)[0]
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        loss = batch_loss()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -329,7 +289,85 @@ def run_reference(v: Variant, model, data: Path, meter) -> dict:
             "lora": f"LoRA rank {RANK} on {n_layers} modules"}
 
 
-def worker(spec: dict, impl: str, result_path: Path, threads: int = THREADS) -> None:
+def vae_latents(vae, data: Path, device):
+    """(VAE samples of the folder's images [N, C, h, w], their captions), with the VAE on `device`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    vae.to(device)
+    latents = []
+    images = sorted(data.glob("*.png"))
+    with torch.no_grad():
+        for path in images:
+            arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+            px = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device)
+            latents.append(vae.encode(px).latent_dist.sample())
+    return torch.cat(latents), [p.with_suffix(".txt").read_text() for p in images]
+
+
+def run_reference(v: Variant, model, data: Path, meter) -> dict:
+    """The minimal standard loop (diffusers' train_text_to_image_lora.py without accelerate)."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(v.device)
+    weight_dtype = reference_dtype(v)
+    unet, vae = model.unet, model.vae
+    scheduler = model.noise_scheduler  # DDPMScheduler, epsilon
+    meter.start()
+    t0 = time.perf_counter()
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    for te in model.text_encoders:
+        te.requires_grad_(False)
+
+    # Precompute: latents with the VAE, text embeddings with the frozen encoder(s).
+    latents, captions = vae_latents(vae, data, device)
+    latents = latents * vae.config.scaling_factor
+    with torch.no_grad():
+        hidden, pooled = [], None
+        for i, (te, tok) in enumerate(zip(model.text_encoders, model.tokenizers)):
+            te.to(device)
+            ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = te(ids.to(device), output_hidden_states=True)
+            if model.family == "sdxl":
+                hidden.append(out.hidden_states[-2])
+                if i == 1:
+                    pooled = out.text_embeds
+            else:
+                hidden.append(out.last_hidden_state)
+        text = torch.cat(hidden, dim=-1)
+    model.vae.to("cpu")
+    for te in model.text_encoders:
+        te.to("cpu")
+
+    params, optimizer, scaler, n_layers = add_reference_lora(unet, REF_TARGETS, device, weight_dtype)
+    autocast = weight_dtype != torch.float32
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    T = scheduler.config.num_train_timesteps
+    h = w = v.resolution
+
+    def batch_loss():
+        idx = torch.randint(0, len(latents), (v.batch,), generator=gen).to(device)
+        x0 = latents[idx]
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, T, (v.batch,), device=device).long()
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        kwargs = {}
+        if model.family == "sdxl":
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=torch.float32).repeat(v.batch, 1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[idx], "time_ids": time_ids}
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=autocast):
+            pred = unet(noisy, timesteps, text[idx], return_dict=False, **kwargs)[0]
+        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
+
+    return reference_loop(v, batch_loss, params, optimizer, scaler, meter, t0, n_layers)
+
+
+def worker(spec: dict, impl: str, result_path: Path, threads: int = THREADS, build=None, reference=None) -> None:
+    """One measurement in this process. build(name) -> model and reference(v, model, data, meter) -> result:
+    another benchmark's model and plain loop (bench_flux.py); default: this file's."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
@@ -339,7 +377,7 @@ def worker(spec: dict, impl: str, result_path: Path, threads: int = THREADS) -> 
     if v.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")
     t0 = time.perf_counter()
-    model = build_model(v.model)
+    model = (build or build_model)(v.model)
     build_s = time.perf_counter() - t0
     meter = CudaPeak() if v.device == "cuda" else CpuPeak()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -347,7 +385,7 @@ def worker(spec: dict, impl: str, result_path: Path, threads: int = THREADS) -> 
         if impl == "ours":
             res = run_ours(v, model, data, Path(tmp) / "out", meter)
         else:
-            res = run_reference(v, model, data, meter)
+            res = (reference or run_reference)(v, model, data, meter)
     stamps, cpu = res.pop("stamps"), res.pop("cpu")
     first = max(v.warmup - 1, 0)
     timed = stamps[first:]
@@ -364,10 +402,11 @@ def worker(spec: dict, impl: str, result_path: Path, threads: int = THREADS) -> 
 
 
 # --- the driver ---------------------------------------------------------------------------------------
-def run_one(v: Variant, impl: str, timeout: float, threads: int = THREADS) -> dict:
+def run_one(v: Variant, impl: str, timeout: float, threads: int = THREADS, script: Path | None = None) -> dict:
+    """One measurement in a subprocess: `script`'s --_worker (default: this file)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         path = Path(fh.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(asdict(v)), "--_impl", impl,
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--_worker", json.dumps(asdict(v)), "--_impl", impl,
            "--_result", str(path), "--threads", str(threads)]
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see main(): waiting OpenMP threads sleep instead of spinning
@@ -399,12 +438,16 @@ def _mem(res: dict, device: str) -> str:
     return f"{_mib(m['peak_bytes'])} (+{_mib(m['peak_bytes'] - m['baseline_bytes'])})"
 
 
-def _rate(res: dict) -> str:
-    return f"{res['steps_per_s']:.3f}" if res.get("steps_per_s") else "-"
+def _rate(res: dict, per_step: bool = False) -> str:
+    if not res.get("steps_per_s"):
+        return "-"
+    return f"{1 / res['steps_per_s']:.3f}" if per_step else f"{res['steps_per_s']:.3f}"
 
 
-def print_table(rows: list[tuple[Variant, dict, dict]]) -> None:
-    head = ["variant", "model", "res", "batch", "ours it/s", "ref it/s", "ours/ref", "(median)", "(cpu)",
+def print_table(rows: list[tuple[Variant, dict, dict]], per_step: bool = False) -> None:
+    """per_step: seconds per step instead of steps per second (the ratios are the same: > 1, ours is faster)."""
+    unit = "s/step" if per_step else "it/s"
+    head = ["variant", "model", "res", "batch", f"ours {unit}", f"ref {unit}", "ours/ref", "(median)", "(cpu)",
             "ours peak MiB", "ref peak MiB"]
     lines = []
     for v, ours, ref in rows:
@@ -415,63 +458,73 @@ def print_table(rows: list[tuple[Variant, dict, dict]]) -> None:
         # the ratio of CPU seconds per step (process time): what the work costs, whoever else uses the cores
         cpu = f"({ref['cpu_step_s'] / ours['cpu_step_s']:.2f})" if ok and v.device == "cpu" else "-"
         prec = "fp32" if v.precision == "no" else v.precision
-        lines.append([f"{v.device} {prec}", v.model, str(v.resolution), str(v.batch), _rate(ours), _rate(ref),
+        lines.append([f"{v.device} {prec}", v.model, str(v.resolution), str(v.batch), _rate(ours, per_step),
+                      _rate(ref, per_step),
                       ratio, median, cpu, _mem(ours, v.device), _mem(ref, v.device)])
     widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))
     for r in lines:
         print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print("\nit/s: timed steps / their wall time (no warm-up, set-up, latent caching or saving). ours/ref > 1: ours "
-          "is faster;\n(median), (cpu): the same ratio from median step times and from CPU seconds per step.\n"
+    print(f"\n{unit}: from the timed steps' wall time (no warm-up, set-up, latent caching or saving). ours/ref > 1: "
+          "ours is faster;\n(median), (cpu): the same ratio from median step times and from CPU seconds per step.\n"
           "Peak memory: CPU: process peak RSS, in brackets its rise above the built model; CUDA: "
           "torch.cuda.max_memory_allocated.")
+
+
+def parse_variant(spec: str, warmup: int, steps: int) -> Variant:
+    """MODEL:RES:BATCH:PREC:DEVICE, e.g. tiny-sdxl:64:2:bf16:cpu."""
+    model, reso, batch, prec, device = spec.split(":")
+    return Variant(model, int(reso), int(batch), prec, device, warmup, steps)
+
+
+def gpu_variants(args, sizes: list[tuple[str, int, str]]) -> list[Variant]:
+    """--gpu: (model, resolution, precision) at batch 1 on CUDA, where CUDA is available."""
+    if not args.gpu:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        print("--gpu: CUDA is not available here; the GPU sizes are skipped\n")
+        return []
+    return [Variant(m, reso, 1, prec, "cuda", args.warmup or 3, args.steps or 20) for m, reso, prec in sizes]
 
 
 def variants(args) -> list[Variant]:
     out = [Variant("tiny-sd1", 64, 2, "no", "cpu", args.warmup or 5, args.steps or 40)]
     if not args.quick:
         out.append(Variant("sd15", args.resolution, args.batch, "no", "cpu", args.warmup or 1, args.steps or 3))
-    if args.gpu:
-        import torch
-
-        if torch.cuda.is_available():
-            w, s = args.warmup or 3, args.steps or 20
-            out += [Variant("sd15", 512, 1, "fp16", "cuda", w, s), Variant("sd15", 512, 1, "bf16", "cuda", w, s),
-                    Variant("sdxl", 1024, 1, "bf16", "cuda", w, s)]
-        else:
-            print("--gpu: CUDA is not available here; the GPU sizes are skipped\n")
-    for spec in args.variant or []:
-        # model:resolution:batch:precision:device, e.g. tiny-sdxl:64:2:bf16:cpu
-        model, reso, batch, prec, device = spec.split(":")
-        out.append(Variant(model, int(reso), int(batch), prec, device, args.warmup or 3, args.steps or 10))
+    out += gpu_variants(args, [("sd15", 512, "fp16"), ("sd15", 512, "bf16"), ("sdxl", 1024, "bf16")])
+    out += [parse_variant(spec, args.warmup or 3, args.steps or 10) for spec in args.variant or []]
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the tiny model only")
-    parser.add_argument("--gpu", action="store_true", help="also SD 1.5 512 px fp16/bf16 and SDXL 1024 px bf16 on CUDA")
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 40 tiny, 3 full-size CPU, 20 GPU)")
-    parser.add_argument("--warmup", type=int, default=0,
-                        help="untimed steps first (default: 5 tiny, 1 full-size CPU, 3 GPU)")
-    parser.add_argument("--resolution", type=int, default=256, help="of the full-size SD 1.5 CPU run")
-    parser.add_argument("--batch", type=int, default=1, help="of the full-size SD 1.5 CPU run")
+def run_parser(doc: str, quick_help: str, gpu_help: str, large_run: str, steps_help: str, warmup_help: str,
+               variant_example: str) -> argparse.ArgumentParser:
+    """The options of a side-by-side benchmark (this one and bench_flux.py); large_run names the CPU run that
+    --resolution and --batch set."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--gpu", action="store_true", help=gpu_help)
+    parser.add_argument("--resolution", type=int, default=256, help=f"of the {large_run} run")
+    parser.add_argument("--batch", type=int, default=1, help=f"of the {large_run} run")
+    parser.add_argument("--steps", type=int, default=0, help=f"timed steps (default: {steps_help})")
+    parser.add_argument("--warmup", type=int, default=0, help=f"untimed steps first (default: {warmup_help})")
     parser.add_argument("--repeat", type=int, default=1, help="run each pair N times (alternating), keep the median")
     parser.add_argument("--variant", action="append", metavar="MODEL:RES:BATCH:PREC:DEVICE",
-                        help="an extra run, e.g. tiny-sdxl:64:2:bf16:cpu or sdxl:1024:1:bf16:cuda (repeatable)")
+                        help=f"an extra run, e.g. {variant_example} (repeatable)")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads in every run")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
     parser.add_argument("--json", type=Path, help="also write every result here")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_impl", help=argparse.SUPPRESS)
     parser.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
 
-    if args._worker:
-        worker(json.loads(args._worker), args._impl, args._result, args.threads)
-        return
 
+def compare(runs_of: list[Variant], args, script: Path | None = None, per_step: bool = False) -> None:
+    """Runs ours and the reference for each variant (each in its own process, `script`'s worker), prints a line
+    per run and the table."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -481,11 +534,11 @@ def main() -> None:
     wait = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={wait}; each run in its own process\n")
     rows, dump = [], []
-    for v in variants(args):
+    for v in runs_of:
         runs = {"ours": [], "ref": []}
         for r in range(args.repeat):
             for impl in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
-                res = run_one(v, impl, args.timeout, args.threads)
+                res = run_one(v, impl, args.timeout, args.threads, script)
                 runs[impl].append(res)
                 if "error" in res:
                     print(f"{v.label} {impl}: FAILED {res['error']}")
@@ -502,9 +555,20 @@ def main() -> None:
         rows.append((v, picked["ours"], picked["ref"]))
         dump.append({"variant": asdict(v), "ours": runs["ours"], "reference": runs["ref"]})
     print()
-    print_table(rows)
+    print_table(rows, per_step)
     if args.json:
         args.json.write_text(json.dumps(dump, indent=1))
+
+
+def main() -> None:
+    args = run_parser(__doc__, "the tiny model only", "also SD 1.5 512 px fp16/bf16 and SDXL 1024 px bf16 on CUDA",
+                      "full-size SD 1.5 CPU", "40 tiny, 3 full-size CPU, 20 GPU", "5 tiny, 1 full-size CPU, 3 GPU",
+                      "tiny-sdxl:64:2:bf16:cpu or sdxl:1024:1:bf16:cuda").parse_args()
+
+    if args._worker:
+        worker(json.loads(args._worker), args._impl, args._result, args.threads)
+        return
+    compare(variants(args), args)
 
 
 if __name__ == "__main__":
