@@ -21,12 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+import bench_env  # noqa: F401  (first: offline hubs, passive OpenMP, this checkout importable)
 
 # model, resolution, batch, gradient checkpointing, train text encoder, mixed precision, device
 CPU_CASES = [
