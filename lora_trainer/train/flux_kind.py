@@ -9,6 +9,7 @@ import torch
 from ..config import ConfigError
 from ..models.flux import objective as flow
 from ..models.flux.model import encode_flux_prompts
+from .kinds import cached_text
 from .loss import diffusion_loss, sample_noise
 
 
@@ -49,15 +50,8 @@ class FluxKind:
     def encode_text(self, model, cfg, captions: list[str], text_cache: OrderedDict, log):
         if cfg.train_text_encoder:
             return encode_flux_prompts(model, captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-        if missing:
-            with torch.no_grad():
-                seq, pooled = encode_flux_prompts(model, missing)
-            for j, c in enumerate(missing):
-                text_cache[c] = (seq[j:j + 1], pooled[j:j + 1])
-                if len(text_cache) > 4096:
-                    text_cache.popitem(last=False)
-        return (torch.cat([text_cache[c][0] for c in captions]), torch.cat([text_cache[c][1] for c in captions]))
+        parts = cached_text(captions, text_cache, lambda missing: encode_flux_prompts(model, missing))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def save_samples(self, model, prompts, folder, tag, **kwargs):
         from .sampling import save_samples

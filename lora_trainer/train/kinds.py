@@ -17,6 +17,24 @@ from ..models.base import encode_prompts, sdxl_time_ids
 from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timesteps
 
 
+TEXT_CACHE_SIZE = 4096
+
+
+def cached_text(captions: list[str], text_cache: OrderedDict, encode) -> list[tuple]:
+    """Frozen text encoders: each distinct caption is encoded once (an LRU of a few thousand entries).
+    encode(missing) -> (sequence embeddings, pooled or None) for those captions; returns (seq, pooled) slices of
+    one caption each, in the order of `captions`."""
+    missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
+    if missing:
+        with torch.no_grad():
+            seq, pooled = encode(missing)
+        for j, c in enumerate(missing):
+            text_cache[c] = (seq[j:j + 1], None if pooled is None else pooled[j:j + 1])
+            if len(text_cache) > TEXT_CACHE_SIZE:
+                text_cache.popitem(last=False)
+    return [text_cache[c] for c in captions]
+
+
 class SDKind:
     """SD1, SD2, SDXL: epsilon / v objective on a discrete DDPM schedule, CLIP conditioning in 75-token chunks."""
 
@@ -63,18 +81,13 @@ class SDKind:
         if cfg.train_text_encoder:
             embeds, pooled, _ = encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length)
             return embeds, pooled
-        # Frozen text encoders: each distinct caption is encoded once (an LRU of a few thousand entries).
-        missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-        if missing:
-            with torch.no_grad():
-                embeds, pooled, truncated = encode_prompts(model, missing, cfg.clip_skip, cfg.max_token_length)
+        def encode(missing):
+            embeds, pooled, truncated = encode_prompts(model, missing, cfg.clip_skip, cfg.max_token_length)
             if truncated:
                 log(f"{truncated} caption(s) longer than {cfg.max_token_length} tokens were truncated")
-            for j, c in enumerate(missing):
-                text_cache[c] = (embeds[j:j + 1], None if pooled is None else pooled[j:j + 1])
-                if len(text_cache) > 4096:
-                    text_cache.popitem(last=False)
-        parts = [text_cache[c] for c in captions]
+            return embeds, pooled
+
+        parts = cached_text(captions, text_cache, encode)
         width = max(p[0].shape[1] for p in parts)
         if any(p[0].shape[1] != width for p in parts):
             # captions of different lengths in one batch: fill with empty chunks, as encode_prompts does
