@@ -124,14 +124,16 @@ def test_cli_ui_serves_the_tab_and_trains_over_http(tiny_files, tmp_path):
         code, body = post(PREFIX + "/train", {"config": config})
         assert code == 200 and body["name"] == "http_style", body
         deadline = time.time() + 300
-        while json.loads(get(PREFIX + "/status"))["state"] not in TERMINAL:
-            assert time.time() < deadline
+        # "finished" comes as soon as the LoRA is installed; the card's preview follows while the phase says so
+        while (st := json.loads(get(PREFIX + "/status")))["state"] not in TERMINAL or st["phase"]:
+            assert time.time() < deadline, st
             time.sleep(0.5)
-        st = json.loads(get(PREFIX + "/status"))
         assert st["state"] == "finished", st
         assert Path(st["lora_path"]) == (tmp_path / "Lora" / "http_style.safetensors").resolve()
         events = json.loads(get(PREFIX + "/events?since=0"))
         assert [e["step"] for e in events["events"] if e["kind"] == "step"] == [1, 2]
+        assert any(e["kind"] == "message" and e["message"].startswith("preview saved: ") for e in events["events"])
+        assert (tmp_path / "Lora" / "http_style.png").is_file()
         assert json.loads(get(PREFIX + f"/events?since={events['next']}"))["events"] == []
     finally:
         proc.send_signal(signal.SIGINT)
