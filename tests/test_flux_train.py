@@ -35,11 +35,13 @@ def test_cli_trains_tiny_flux_and_writes_a_kohya_flux_lora(flux_dir, tmp_path, c
     assert main(["train", "--config", str(cfg)]) == 0
     capsys.readouterr()
     sd, meta = read_lora(tmp_path / "out" / "flux_style.safetensors")
-    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "Flux.1-dev/lora"
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"  # Forge: a Flux card
+    assert meta["modelspec.prediction_type"] == "flow"
     stems = {k.split(".")[0] for k in sd}
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= stems
     assert any(torch.count_nonzero(v) for k, v in sd.items() if k.endswith("lora_up.weight"))
-    assert json.loads((tmp_path / "out" / "flux_style.json").read_text())["sd version"] == "Unknown"
+    assert json.loads((tmp_path / "out" / "flux_style.json").read_text())["sd version"] == "Flux"
     assert list((tmp_path / "out" / "samples").glob("*.png"))
 
 

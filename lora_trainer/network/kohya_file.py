@@ -119,11 +119,13 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": getattr(model, "modelspec_architecture", None)
         or modelspec_arch(model.family, model.v_prediction),
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
+        "modelspec.implementation": getattr(model, "modelspec_implementation", None)
+        or "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": cfg.name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
+        "modelspec.prediction_type": getattr(model, "modelspec_prediction_type", None)
+        or ("v" if model.v_prediction else "epsilon"),
     }
     return {k: ("True" if v is True else "False" if v is False else str(v)) for k, v in meta.items() if v is not None}
 

@@ -25,7 +25,7 @@ class FluxKind:
         return load_flux(cfg.base_model, cfg.flux_components, dtype, log)
 
     def card_version(self, model) -> str:
-        return "Unknown"  # the WebUIs' LoRA card knows SD1, SD2 and SDXL only
+        return "Flux"  # Forge's LoRA card knows Flux; A1111 reads an unknown value as "guess from the file"
 
     def latent_shape(self, model, bucket) -> tuple[int, int, int]:
         factor = 2 ** (len(model.vae.config.block_out_channels) - 1)

@@ -9,9 +9,11 @@ import torch
 from ..base import BaseModel
 
 FAMILY = "flux"
-# ss_base_model_version / modelspec values kohya writes for FLUX.1 LoRAs
+# ss_base_model_version / modelspec values kohya writes for FLUX.1 LoRAs; Forge's LoRA list marks a card "Flux"
+# by this architecture or implementation
 BASE_MODEL_VERSION = {"dev": "flux1", "schnell": "flux1"}
-MODELSPEC_ARCH = {"dev": "Flux.1-dev/lora", "schnell": "Flux.1-schnell/lora"}
+MODELSPEC_ARCH = {"dev": "flux-1-dev/lora", "schnell": "flux-1-schnell/lora"}
+MODELSPEC_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 
 
 @dataclass
@@ -51,8 +53,16 @@ class FluxModel:
         return MODELSPEC_ARCH[self.variant]
 
     @property
+    def modelspec_implementation(self) -> str:
+        return MODELSPEC_IMPLEMENTATION
+
+    @property
     def v_prediction(self) -> bool:
         return False
+
+    @property
+    def modelspec_prediction_type(self) -> str:
+        return "flow"  # rectified flow: the transformer predicts the velocity noise - image
 
     def describe(self) -> str:
         return f"FLUX.1 {self.variant} from {self.source} {self.path or self.name}"
