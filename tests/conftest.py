@@ -139,3 +139,32 @@ def serve_app():
     for server, thread in servers:
         server.should_exit = True
         thread.join(10)
+
+
+def assert_stop_then_resume_is_exact(config, stop_at: int, total: int, out_a: Path, out_b: Path):
+    """Runs config(out) straight through, and again stopped after step `stop_at` then resumed from its checkpoint;
+    both must end on the same LoRA and the same losses. Returns the straight run's result."""
+    from lora_trainer.network.kohya_file import read_lora
+    from lora_trainer.train.control import StopFlag
+    from lora_trainer.train.events import EventBus
+    from lora_trainer.train.trainer import Trainer
+
+    straight = Trainer(config(out_a)).run()
+    assert straight.status == "finished" and straight.global_step == total
+
+    events, stop = EventBus(), StopFlag()
+    events.subscribe(lambda e: stop.set("test") if e.kind == "step" and e.step == stop_at else None)
+    first = Trainer(config(out_b), events, stop).run()
+    assert first.status == "stopped" and first.global_step == stop_at
+    assert first.checkpoint.name == f"checkpoint-{stop_at}" and first.lora_path is None
+    assert not list(out_b.glob("*.safetensors"))  # a stopped run leaves no final LoRA
+
+    resumed = Trainer(config(out_b, resume_from_checkpoint=str(first.checkpoint))).run()
+    assert resumed.status == "finished" and resumed.global_step == total
+    a, _ = read_lora(straight.lora_path)
+    b, _ = read_lora(resumed.lora_path)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    assert straight.losses[stop_at:] == pytest.approx(resumed.losses, abs=1e-6)
+    return straight

@@ -6,11 +6,8 @@ import pytest
 
 from lora_trainer.models.flux import tiny
 from lora_trainer.network.kohya_file import read_lora
-from lora_trainer.train.control import StopFlag
-from lora_trainer.train.events import EventBus
-from lora_trainer.train.trainer import Trainer
 
-from conftest import base_config, make_images
+from conftest import assert_stop_then_resume_is_exact, base_config, make_images
 
 
 @pytest.fixture(scope="module")
@@ -30,20 +27,7 @@ def _config(flux_dir, tmp_path, out, **extra):
 
 
 def test_flux_stop_then_resume_is_exact(flux_dir, tmp_path):
-    straight = Trainer(_config(flux_dir, tmp_path, tmp_path / "a")).run()
-    assert straight.status == "finished" and straight.global_step == 6
-
-    events, stop = EventBus(), StopFlag()
-    events.subscribe(lambda e: stop.set("test") if e.kind == "step" and e.step == 2 else None)
-    first = Trainer(_config(flux_dir, tmp_path, tmp_path / "b"), events, stop).run()
-    assert first.status == "stopped" and first.global_step == 2 and first.lora_path is None
-
-    resumed = Trainer(_config(flux_dir, tmp_path, tmp_path / "b", resume_from_checkpoint=str(first.checkpoint))).run()
-    assert resumed.status == "finished" and resumed.global_step == 6
-    a, meta = read_lora(straight.lora_path)
-    b, _ = read_lora(resumed.lora_path)
-    assert a.keys() == b.keys() and any(k.startswith("lora_te1_") for k in a)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
-    assert straight.losses[2:] == pytest.approx(resumed.losses, abs=1e-6)
-    assert meta["ss_base_model_version"] == "flux1"
+    straight = assert_stop_then_resume_is_exact(lambda out, **kw: _config(flux_dir, tmp_path, out, **kw), 2, 6,
+                                                tmp_path / "a", tmp_path / "b")
+    weights, meta = read_lora(straight.lora_path)
+    assert any(k.startswith("lora_te1_") for k in weights) and meta["ss_base_model_version"] == "flux1"

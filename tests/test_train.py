@@ -9,11 +9,10 @@ from lora_trainer.cli import main
 from lora_trainer.config import ConfigError
 from lora_trainer.models.loader import load_base_model
 from lora_trainer.network.kohya_file import read_lora
-from lora_trainer.train.control import StopFlag
 from lora_trainer.train.events import EventBus
 from lora_trainer.train.trainer import Trainer, TrainingFailed
 
-from conftest import base_config, make_images
+from conftest import assert_stop_then_resume_is_exact, base_config, make_images
 
 quiet = dict(log_fn=lambda *_: None)
 
@@ -73,25 +72,8 @@ def _resume_config(tiny_files, tmp_path, out, **extra):
 
 
 def test_stop_then_resume_is_exact(tiny_files, tmp_path):
-    straight = Trainer(_resume_config(tiny_files, tmp_path, tmp_path / "a")).run()
-    assert straight.status == "finished" and straight.global_step == 8
-
-    events, stop = EventBus(), StopFlag()
-    events.subscribe(lambda e: stop.set("test") if e.kind == "step" and e.step == 3 else None)
-    first = Trainer(_resume_config(tiny_files, tmp_path, tmp_path / "b"), events, stop).run()
-    assert first.status == "stopped" and first.global_step == 3
-    assert first.checkpoint.name == "checkpoint-3" and first.lora_path is None
-    assert not (tmp_path / "b" / "r.safetensors").exists()
-
-    resumed = Trainer(_resume_config(tiny_files, tmp_path, tmp_path / "b",
-                                     resume_from_checkpoint=str(first.checkpoint))).run()
-    assert resumed.status == "finished" and resumed.global_step == 8
-    a, _ = read_lora(straight.lora_path)
-    b, _ = read_lora(resumed.lora_path)
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-6, worst
-    assert straight.losses[3:] == pytest.approx(resumed.losses, abs=1e-6)
+    assert_stop_then_resume_is_exact(lambda out, **kw: _resume_config(tiny_files, tmp_path, out, **kw), 3, 8,
+                                     tmp_path / "a", tmp_path / "b")
 
 
 def test_resume_latest_and_bad_checkpoint_path(tiny_files, tmp_path):
