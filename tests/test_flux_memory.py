@@ -13,6 +13,7 @@ from lora_trainer.models.meta import meta_model
 from lora_trainer.network.base import create_network
 from lora_trainer.train import memory_plan as mp
 from lora_trainer.train.flux_memory import image_tokens, trace_flux_training
+from lora_trainer.train.kinds import kind_of
 
 GIB = 2 ** 30
 
@@ -65,6 +66,7 @@ def test_the_meta_trace_keeps_what_a_real_flux_step_keeps(autocast):
     cfg = flux_cfg(mixed_precision="bf16" if autocast else "no")
     real = _real_kept(model, cfg, autocast)
     meta = meta_model(model)
+    kind_of(meta).configure(meta, cfg)  # the run's T5 length
     create_network(meta, cfg)
     traced = sum(trace_flux_training(meta, cfg, autocast))  # activations + autocast's copies of weights
     assert real > 0

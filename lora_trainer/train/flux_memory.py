@@ -29,10 +29,13 @@ def flux_weights(model, cfg: TrainConfig) -> tuple[int, int]:
     """(bytes of all frozen weights, bytes of the text encoders among them). fp8_base (when the config has the
     key) stores the transformer at 1 byte a parameter; the meta transformer is then traced in bf16 as it runs."""
     transformer = model.transformer
-    fp8 = getattr(cfg, "fp8_base", False) or next(transformer.parameters()).element_size() == 1
-    denoiser = sum(p.numel() for p in transformer.parameters()) if fp8 else _nbytes(transformer)
-    if next(transformer.parameters()).element_size() == 1:
-        transformer.to(torch.bfloat16)  # a host's float8 weights: computed in bf16, layer by layer
+    stored_fp8 = next(transformer.parameters()).element_size() == 1  # a host's float8 weights
+    if getattr(cfg, "fp8_base", False) or stored_fp8:
+        denoiser = sum(p.numel() for p in transformer.parameters())
+    else:
+        denoiser = _nbytes(transformer)
+    if stored_fp8:
+        transformer.to(torch.bfloat16)  # the meta copy computes as the real one does: in bf16, layer by layer
     text = _nbytes(*model.text_encoders)
     return denoiser + text + _nbytes(model.vae), text
 
@@ -50,7 +53,7 @@ def trace_flux_training(model, cfg: TrainConfig, autocast: Optional[torch.dtype]
     clip = model.text_encoders[0]
     config = transformer.config
     b, tokens = cfg.batch_size, image_tokens(cfg)
-    text = cfg.t5xxl_max_token_length or model.t5_length
+    text = model.t5_length  # the run's t5xxl_max_token_length (FluxKind.configure) or the variant's default
     dtype = autocast or next(transformer.parameters()).dtype
     checkpointed = []
     if cfg.gradient_checkpointing:

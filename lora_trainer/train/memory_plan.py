@@ -8,6 +8,7 @@ Gradient checkpointing is traced as it runs: a checkpointed block keeps its inpu
 own tensors exist at once (while it is recomputed). Attention is counted as the fused kernels that torch picks on
 CUDA and on the CPU keep it (q, k, v, output and the log-sum-exp; no N x N matrix). Latent caching is its own
 phase (the VAE encoder without gradients). `bench/bench_memory_plan.py` measures the result against real peaks.
+FLUX.1's transformer step and frozen weights are described in flux_memory.py.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from .kinds import kind_of
 
 GiB = 2 ** 30
 
@@ -342,12 +344,11 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
             autocast = host_dtype  # half-precision host weights train under autocast in their precision
     else:
         model.vae.to(torch.float32)
+    kind_of(model).configure(model, cfg)  # what the run sets on its model (FLUX.1: the T5 length)
     flux = model.family == "flux"
     if flux:
         from .flux_memory import flux_weights, trace_flux_training
 
-        if cfg.t5xxl_max_token_length:
-            model.t5_max_length = cfg.t5xxl_max_token_length
         weights, kept_text = flux_weights(model, cfg)
     else:
         weights, kept_text = _nbytes(model.unet, *model.text_encoders, model.vae), 0
