@@ -15,8 +15,8 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
 
 def meta_model(source, dtype: Optional[torch.dtype] = None) -> BaseModel:
     """A BaseModel (or FluxModel) with the architecture of `source` (a BaseModel, a FluxModel, or a host's
-    LoadedCheckpoint) whose
-    parameters live on the meta device. Each module keeps its own precision unless `dtype` is given."""
+    LoadedCheckpoint) whose parameters live on the meta device. Each module keeps its own precision unless `dtype`
+    is given."""
     if getattr(source, "family", None) == "flux":
         model = _meta_flux(source)
     elif isinstance(source, BaseModel):
