@@ -188,6 +188,7 @@ def test_every_flux_preset_is_a_valid_flux_config():
             assert cfg.resolution == (1024 if tier == "24 GB+" else 512)
             assert getattr(cfg, "fp8_base", True) is True  # when the key exists, it is on
     assert preset("16 GB", "character", "flux")["max_train_steps"] == 1500
+    assert preset("16 GB", "style", "flux", "loha")["network_type"] == "lora"  # Flux trains plain LoRA only
     assert preset("24 GB+", "style", "sdxl")["min_snr_gamma"] == 5.0  # the SD presets are unchanged
 
 

@@ -88,6 +88,7 @@ def preset(tier: str, goal: str, family: Optional[str] = "sd1", network_type: st
         from .flux_presets import flux_preset
 
         values = flux_preset(tier, goal)
+        network_type = "lora"  # FLUX.1 trains plain LoRA only (README)
     else:
         values = _sd_preset(tier, goal, family if family in NATIVE_RESOLUTION else "sd1")
     if values.get("optimizer") == "adamw8bit" and not _has_bitsandbytes():
