@@ -3,6 +3,7 @@
     python bench/bench_memory_plan.py            # tiny SD1 and a full-size SD 1.5 UNet at 256 px, CPU
     python bench/bench_memory_plan.py --quick    # the tiny model only
     python bench/bench_memory_plan.py --gpu      # on CUDA: SD 1.5 at 512 and SDXL at 1024, fp16 / bf16
+    python bench/bench_memory_plan.py --flux     # FLUX.1: the tiny Flux and a full-width 2-block transformer
 
 Each case is its own process. The model is built first (random weights; `bench_train.build_model`: the shipped
 full-size UNet config, with a full-size VAE here so that latent caching is real) and counts as loaded already, as
@@ -33,6 +34,16 @@ CPU_CASES = [
     ("sd15", 256, 2, False, True, "no", "cpu"),
     ("sd15", 256, 1, False, False, "bf16", "cpu"),
 ]
+FLUX_CASES = [  # bench_flux.build_model's models (T5 at 512 tokens); with --gpu, the CUDA ones
+    ("tiny-flux", 64, 2, False, False, "no", "cpu"),
+    ("tiny-flux", 128, 2, True, False, "no", "cpu"),
+    ("flux-wide", 256, 1, False, False, "no", "cpu"),
+    ("flux-wide", 256, 1, True, False, "no", "cpu"),
+]
+FLUX_GPU_CASES = [
+    ("flux-wide", 1024, 1, False, False, "bf16", "cuda"),
+    ("flux-wide", 1024, 1, True, False, "bf16", "cuda"),
+]
 GPU_CASES = [
     ("sd15", 512, 1, False, False, "fp16", "cuda"),
     ("sd15", 512, 4, True, False, "fp16", "cuda"),
@@ -53,8 +64,13 @@ def worker(case: list, out: str) -> None:
     from lora_trainer.train.trainer import Trainer
 
     name, res, batch, gc, te, mp, device = case
-    model = build_model(name)
-    if not name.startswith("tiny"):
+    if "flux" in name:
+        from bench_flux import build_model as build_flux
+
+        model = build_flux(name)
+    else:
+        model = build_model(name)
+    if name in ("sd15", "sdxl"):
         from diffusers import AutoencoderKL
         from lora_trainer.models.loader import _config
 
@@ -99,12 +115,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the tiny model only")
     ap.add_argument("--gpu", action="store_true", help="the CUDA cases (needs a GPU)")
+    ap.add_argument("--flux", action="store_true", help="the FLUX.1 cases instead of the SD ones")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker[0]), args.worker[1])
         return
-    cases = GPU_CASES if args.gpu else [c for c in CPU_CASES if not (args.quick and not c[0].startswith("tiny"))]
+    if args.flux:
+        cases = FLUX_GPU_CASES if args.gpu else FLUX_CASES
+    else:
+        cases = GPU_CASES if args.gpu else CPU_CASES
+    cases = [c for c in cases if not (args.quick and not c[0].startswith("tiny"))]
     mib = 2 ** 20
     print(f"{'model':9} {'res':>4} {'batch':>5} {'ckpt':>4} {'TE':>3} {'prec':>4} {'dev':>4} | "
           f"{'estimate MiB':>12} {'measured MiB':>12} {'error':>7}")

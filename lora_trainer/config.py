@@ -61,6 +61,9 @@ class TrainConfig:
     discrete_flow_shift: float = _opt(3.0, "FLUX.1: the shift of timestep_sampling: shift", min=0.0)
     guidance_scale: float = _opt(1.0, "FLUX.1 dev: the guidance value the transformer is given while training",
                                  min=0.0)
+    t5xxl_max_token_length: Optional[int] = _opt(None, "FLUX.1: T5 tokens per caption (longer is cut; default: 512 "
+                                                 "for dev, 256 for schnell, as BFL's pipelines encode)", min=1,
+                                                 max=512)
     clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
                           min=1, max=12)
 

@@ -113,3 +113,27 @@ def test_single_file_flux_trains_and_continues_from_its_own_lora(flux_dir, tmp_p
 
 def meta_of(path):
     return read_lora(path)[1]
+
+
+def test_t5xxl_max_token_length_sets_the_text_sequence_and_is_recorded(flux_dir, tmp_path):
+    """Captions reach the transformer as 64 T5 tokens (the dev default is 512), and the file says so."""
+    from lora_trainer.config import ConfigError
+    from lora_trainer.models.flux.loader import load_flux
+    from lora_trainer.train.trainer import Trainer
+
+    for bad in (0, 513):
+        with pytest.raises(ConfigError, match="t5xxl_max_token_length"):
+            base_config(t5xxl_max_token_length=bad)
+    data = make_images(tmp_path / "data", n=2, sizes=((64, 64),))
+    model = load_flux(str(flux_dir), log_fn=lambda *_: None)
+    assert model.t5_length == 512  # dev, as FluxPipeline encodes
+    seen = []
+    model.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(tuple(kw["encoder_hidden_states"].shape)), with_kwargs=True)
+    cfg = base_config(base_model=str(flux_dir), train_data_dir=str(data), output_dir=str(tmp_path / "o"),
+                      max_train_steps=1, resolution=64, max_bucket_reso=64, t5xxl_max_token_length=64)
+    result = Trainer(cfg, model=model).run()
+    assert seen and all(shape == (2, 64, model.transformer.config.joint_attention_dim) for shape in seen), seen
+    meta = meta_of(result.lora_path)
+    assert meta["ss_t5xxl_max_token_length"] == "64"
+    assert meta["ss_timestep_sampling"] == "sigmoid" and meta["ss_guidance_scale"] == "1.0"

@@ -14,9 +14,12 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
 
 
 def meta_model(source, dtype: Optional[torch.dtype] = None) -> BaseModel:
-    """A BaseModel with the architecture of `source` (a BaseModel, or a host's LoadedCheckpoint) whose
-    parameters live on the meta device. Each module keeps its own precision unless `dtype` is given."""
-    if isinstance(source, BaseModel):
+    """A BaseModel (or FluxModel) with the architecture of `source` (a BaseModel, a FluxModel, or a host's
+    LoadedCheckpoint) whose parameters live on the meta device. Each module keeps its own precision unless `dtype`
+    is given."""
+    if getattr(source, "family", None) == "flux":
+        model = _meta_flux(source)
+    elif isinstance(source, BaseModel):
         with torch.device("meta"):
             unet = type(source.unet).from_config(source.unet.config)
             vae = type(source.vae).from_config(source.vae.config)
@@ -43,3 +46,16 @@ def meta_model(source, dtype: Optional[torch.dtype] = None) -> BaseModel:
             te.to(dtype)
     model.freeze()
     return model
+
+
+def _meta_flux(source):
+    """A FluxModel's modules rebuilt from their configs on the meta device, each in its own precision."""
+    import dataclasses
+
+    with torch.device("meta"):
+        transformer = type(source.transformer).from_config(source.transformer.config)
+        vae = type(source.vae).from_config(source.vae.config)
+        encoders = [type(te)(te.config) for te in source.text_encoders]
+    for meta, real in zip([transformer, vae, *encoders], [source.transformer, source.vae, *source.text_encoders]):
+        meta.to(_dtype_of(real))
+    return dataclasses.replace(source, transformer=transformer, vae=vae, text_encoders=encoders)

@@ -127,6 +127,8 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "modelspec.prediction_type": getattr(model, "modelspec_prediction_type", None)
         or ("v" if model.v_prediction else "epsilon"),
     }
+    if hasattr(model, "extra_metadata"):  # a family's own settings (FLUX.1: T5 length, guidance, timesteps)
+        meta.update(model.extra_metadata(cfg))
     return {k: ("True" if v is True else "False" if v is False else str(v)) for k, v in meta.items() if v is not None}
 
 

@@ -24,6 +24,12 @@ class FluxKind:
                               "min_snr_gamma: 0 (timestep_sampling shapes which noise levels are trained)")
         return load_flux(cfg.base_model, cfg.flux_components, dtype, log)
 
+    def configure(self, model, cfg) -> None:
+        """T5 length: every caption and sample prompt is encoded to t5xxl_max_token_length tokens (the model's
+        default, by variant, when unset), our own load or a host's model alike."""
+        if cfg.t5xxl_max_token_length:
+            model.t5_max_length = cfg.t5xxl_max_token_length
+
     def card_version(self, model) -> str:
         return "Flux"  # Forge's LoRA card knows Flux; A1111 reads an unknown value as "guess from the file"
 

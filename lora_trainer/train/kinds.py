@@ -50,6 +50,9 @@ class SDKind:
     def card_version(self, model) -> str:
         return self.card_versions[model.family]
 
+    def configure(self, model, cfg) -> None:
+        """Settings of the run that the loaded model carries (none for SD)."""
+
     def latent_shape(self, model, bucket) -> tuple[int, int, int]:
         factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         return model.unet.config.in_channels, bucket[1] // factor, bucket[0] // factor

@@ -8,6 +8,7 @@ Gradient checkpointing is traced as it runs: a checkpointed block keeps its inpu
 own tensors exist at once (while it is recomputed). Attention is counted as the fused kernels that torch picks on
 CUDA and on the CPU keep it (q, k, v, output and the log-sum-exp; no N x N matrix). Latent caching is its own
 phase (the VAE encoder without gradients). `bench/bench_memory_plan.py` measures the result against real peaks.
+FLUX.1's transformer step and frozen weights are described in flux_memory.py.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from .kinds import kind_of
 
 GiB = 2 ** 30
 
@@ -44,6 +46,7 @@ class MemoryEstimate:
     workspace: int      # backward-pass temporaries
     caching: int        # latent caching (VAE encoder, no gradients): a phase before training
     gradient_checkpointing: bool
+    kept_text_encoders: int = 0  # FLUX.1: CLIP + T5 bytes among `weights` (loaded for the whole run)
 
     @property
     def training(self) -> int:
@@ -61,6 +64,8 @@ class MemoryEstimate:
 
     def parts(self) -> str:
         w = f"model {gib(self.weights)}" + (" (loaded already)" if self.resident else "")
+        if self.kept_text_encoders:
+            w += f" of which text encoders {gib(self.kept_text_encoders)}"
         return (f"{w} + LoRA and optimizer {gib(self.trainable)} + activations {gib(self.activations + self.workspace)}"
                 f"{'' if self.gradient_checkpointing else ' (no gradient checkpointing)'}"
                 + (f"; latent caching peaks at {gib(self.caching)} before training" if self.caching > self.training
@@ -160,7 +165,8 @@ class _MetaOps(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return _fused_sdpa(*args[:3], dtype=self.dtype)
+            qkv = [*args[:3], *(kwargs[k] for k in ("query", "key", "value")[len(args):3])]  # newer diffusers: by name
+            return _fused_sdpa(*qkv, dtype=self.dtype)
         if func is torch.full and len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].is_meta:
             args = (args[0], 0.0, *args[2:])
         if self.dtype is None:
@@ -232,48 +238,61 @@ def _vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _trace_training(model, cfg: TrainConfig, autocast: Optional[torch.dtype]) -> tuple[int, int]:
-    """Bytes kept for the backward pass of one training micro-batch: (activations, low-precision copies of
-    weights). Autocast casts a frozen fp32 weight anew in every forward pass and the backward pass needs the copy;
-    it is kept memory, not a temporary."""
-    unet = model.unet
-    modules = [unet, *model.text_encoders]
-    tracer = _Tracer(_param_storages(*modules))  # frozen weights are resident; LoRA weights are counted apart
-    b = cfg.batch_size
-    side = cfg.resolution // _vae_scale(model.vae)
-    dtype = autocast or next(unet.parameters()).dtype
+def _trace(frozen: list, checkpointed: list[tuple[list, tuple[str, ...]]], autocast: Optional[torch.dtype],
+           forward: Callable[[], None]) -> tuple[int, int]:
+    """Bytes autograd keeps while `forward()` runs one training micro-batch on meta modules: (activations,
+    low-precision copies of weights). Autocast casts a frozen fp32 weight anew in every forward pass and the
+    backward pass needs the copy; it is kept memory, not a temporary. frozen: the modules whose parameters are
+    resident (LoRA weights are counted apart); checkpointed: (modules, block class names) that gradient
+    checkpointing wraps in this run."""
+    tracer = _Tracer(_param_storages(*frozen))
     handles = []
-    if cfg.gradient_checkpointing:
-        handles += tracer.checkpoint([unet], CHECKPOINTED_UNET)
-        if cfg.train_text_encoder:
-            handles += tracer.checkpoint(model.text_encoders, CHECKPOINTED_TEXT)
+    for modules, names in checkpointed:
+        handles += tracer.checkpoint(modules, names)
     try:
         with contextlib.ExitStack() as stack:
             ops = stack.enter_context(_MetaOps(autocast))
             stack.enter_context(tracer.hooks())
             stack.enter_context(torch.set_grad_enabled(True))
-            hidden, pooled = [], None
-            grad_ctx = contextlib.nullcontext() if cfg.train_text_encoder else torch.no_grad()
-            with grad_ctx:
-                for te in model.text_encoders:
-                    ids = torch.zeros(b, 77, dtype=torch.long, device="meta")
-                    out = te(ids, output_hidden_states=True, return_dict=True)
-                    hidden.append(out.hidden_states[-2])
-                    if hasattr(out, "text_embeds"):
-                        pooled = out.text_embeds
-            embeds = torch.cat([h.to(dtype) for h in hidden], dim=-1)
-            latents = torch.empty(b, unet.config.in_channels, side, side, dtype=dtype, device="meta")
-            timesteps = torch.zeros(b, dtype=torch.long, device="meta")
-            kwargs = {}
-            if getattr(unet.config, "addition_embed_type", None) == "text_time":
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype),
-                                               "time_ids": torch.empty(b, 6, dtype=dtype, device="meta")}
-            unet(latents, timesteps, encoder_hidden_states=embeds, **kwargs)
+            forward()
     finally:
         for h in handles:
             h.remove()
     activations, copies = tracer.outer.split(ops.weight_copies)
     return activations + max(tracer.blocks, default=0), copies
+
+
+def _trace_training(model, cfg: TrainConfig, autocast: Optional[torch.dtype]) -> tuple[int, int]:
+    """The SD UNet families' micro-batch: text encoders (with gradients when they train), then the UNet."""
+    unet = model.unet
+    b = cfg.batch_size
+    side = cfg.resolution // _vae_scale(model.vae)
+    dtype = autocast or next(unet.parameters()).dtype
+    checkpointed = []
+    if cfg.gradient_checkpointing:
+        checkpointed.append(([unet], CHECKPOINTED_UNET))
+        if cfg.train_text_encoder:
+            checkpointed.append((model.text_encoders, CHECKPOINTED_TEXT))
+
+    def forward():
+        hidden, pooled = [], None
+        with contextlib.nullcontext() if cfg.train_text_encoder else torch.no_grad():
+            for te in model.text_encoders:
+                ids = torch.zeros(b, 77, dtype=torch.long, device="meta")
+                out = te(ids, output_hidden_states=True, return_dict=True)
+                hidden.append(out.hidden_states[-2])
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+        embeds = torch.cat([h.to(dtype) for h in hidden], dim=-1)
+        latents = torch.empty(b, unet.config.in_channels, side, side, dtype=dtype, device="meta")
+        timesteps = torch.zeros(b, dtype=torch.long, device="meta")
+        kwargs = {}
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype),
+                                           "time_ids": torch.empty(b, 6, dtype=dtype, device="meta")}
+        unet(latents, timesteps, encoder_hidden_states=embeds, **kwargs)
+
+    return _trace([unet, *model.text_encoders], checkpointed, autocast, forward)
 
 
 VAE_PIXELS = 4 * 512 * 512  # pixels encoded at once while caching: ~0.5 GiB per fp32 activation of the VAE's top
@@ -306,7 +325,8 @@ def _trace_vae_encode(vae, images: int, resolution: int, dtype: torch.dtype) -> 
 
 # --- the estimate -------------------------------------------------------------------------------------------
 def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", resident: bool = False) -> MemoryEstimate:
-    """Peak memory of a run of `cfg` on `source`'s architecture (a BaseModel, or a host's LoadedCheckpoint).
+    """Peak memory of a run of `cfg` on `source`'s architecture (a BaseModel, a FluxModel, or a host's
+    LoadedCheckpoint).
 
     resident: the weights are in memory already (a WebUI's loaded checkpoint), so only the rest is extra."""
     from ..models.meta import meta_model
@@ -324,15 +344,23 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
             autocast = host_dtype  # half-precision host weights train under autocast in their precision
     else:
         model.vae.to(torch.float32)
-    weights = _nbytes(model.unet, *model.text_encoders, model.vae)
+    kind_of(model).configure(model, cfg)  # what the run sets on its model (FLUX.1: the T5 length)
+    flux = model.family == "flux"
+    if flux:
+        from .flux_memory import flux_weights, trace_flux_training
 
-    network = create_network(model, cfg)
+        weights, kept_text = flux_weights(model, cfg)
+    else:
+        weights, kept_text = _nbytes(model.unet, *model.text_encoders, model.vae), 0
+
+    with torch.device("meta"):  # shapes only: initialising a 12B model's LoRA on the CPU takes seconds
+        network = create_network(model, cfg)
     for p in network.parameters():
         p.data = p.data.to(torch.float32)  # LoRA weights are fp32
     params = sum(p.numel() for p in network.parameters())
     trainable = params * (4 + 4 + OPTIMIZER_STATE.get(cfg.optimizer, 8))  # fp32 weights, gradients, state
 
-    activations, weight_copies = _trace_training(model, cfg, autocast)
+    activations, weight_copies = (trace_flux_training if flux else _trace_training)(model, cfg, autocast)
     vae_images = vae_chunk(cfg.batch_size, cfg.resolution ** 2) if cfg.cache_latents else cfg.batch_size
     encode = _trace_vae_encode(model.vae, vae_images, cfg.resolution, next(model.vae.parameters()).dtype)
     caching = encode if cfg.cache_latents else 0
@@ -344,7 +372,7 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
     caching = int(caching * (1 + share)) if device_type == "cpu" else caching  # RSS keeps the freed temporaries too
     return MemoryEstimate(device=device_type, weights=weights, resident=resident, trainable=trainable,
                           activations=activations, workspace=workspace, caching=caching,
-                          gradient_checkpointing=cfg.gradient_checkpointing)
+                          gradient_checkpointing=cfg.gradient_checkpointing, kept_text_encoders=kept_text)
 
 
 # --- does it fit, and what makes it fit ------------------------------------------------------------------
@@ -389,6 +417,8 @@ def _lower_resolution(cfg: TrainConfig) -> Optional[TrainConfig]:
 FIXES: list[tuple[str, Callable[[TrainConfig], Optional[TrainConfig]]]] = [
     ("turn on gradient checkpointing (slower steps, same result)",
      lambda c: None if c.gradient_checkpointing else c.replace(gradient_checkpointing=True)),
+    ("store the frozen transformer in fp8 (fp8_base: true; FLUX.1, about half its bf16 size)",
+     lambda c: c.replace(fp8_base=True) if getattr(c, "fp8_base", True) is False else None),
     ("cache latents (the VAE then runs once per image, before training)",
      lambda c: None if c.cache_latents else c.replace(cache_latents=True)),
     ("use 8-bit AdamW (needs bitsandbytes)",
@@ -439,7 +469,7 @@ def plan_memory(source, cfg: TrainConfig, device: torch.device, resident: bool,
 
         can_8bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
     for words, change in FIXES:
-        if "8-bit" in words and not can_8bit:
+        if "8-bit" in words and not can_8bit or "fp8_base" in words and getattr(source, "family", "") != "flux":
             continue
         changed = change(cfg)
         if changed is None:

@@ -137,6 +137,7 @@ class Trainer:
             self.cfg.require("base_model")
             self.model = kind_for_config(self.cfg).load(self.cfg, self.log, weights_dtype)
         self.kind = kind_of(self.model)  # the family-specific parts of the run
+        self.kind.configure(self.model, self.cfg)
         return self.model
 
     # --- the run ------------------------------------------------------------------------------------

@@ -78,13 +78,27 @@ def _tier(tier: str, family: str) -> dict[str, Any]:
 
 
 def preset(tier: str, goal: str, family: Optional[str] = "sd1", network_type: str = "lora") -> dict[str, Any]:
-    """Config values for a memory tier and a goal on a model family (sd1 / sd2 / sdxl), with the typical
+    """Config values for a memory tier and a goal on a model family (sd1 / sd2 / sdxl / flux), with the typical
     dimensions of the network type."""
     if goal not in _GOAL:
         raise ValueError(f"unknown goal {goal!r}; choose one of {', '.join(GOALS)}")
     if network_type not in TYPE_PRESETS:
         raise ValueError(f"unknown network type {network_type!r}; choose one of {', '.join(TYPE_PRESETS)}")
-    family = family if family in NATIVE_RESOLUTION else "sd1"
+    if family == "flux":
+        from .flux_presets import flux_preset
+
+        values = flux_preset(tier, goal)
+        network_type = "lora"  # FLUX.1 trains plain LoRA only (README)
+    else:
+        values = _sd_preset(tier, goal, family if family in NATIVE_RESOLUTION else "sd1")
+    if values.get("optimizer") == "adamw8bit" and not _has_bitsandbytes():
+        values["optimizer"] = "adamw"  # 8-bit AdamW needs bitsandbytes (CUDA); plain AdamW still fits with the rest
+    values.setdefault("text_encoder_lr", None)
+    values.update(TYPE_PRESETS[network_type], network_type=network_type)
+    return values
+
+
+def _sd_preset(tier: str, goal: str, family: str) -> dict[str, Any]:
     values = dict(_GOAL[goal])
     t = _tier(tier, family)
     resolution = NATIVE_RESOLUTION[family]
@@ -99,14 +113,15 @@ def preset(tier: str, goal: str, family: Optional[str] = "sd1", network_type: st
         values.pop("text_encoder_lr", None)
     if steps_cap:
         values["max_train_steps"] = min(values["max_train_steps"], steps_cap)
-    values.update(resolution=resolution, enable_bucket=True, min_bucket_reso=max(64, resolution // 2),
+    values.update(bucket_range(resolution))
+    return values
+
+
+def bucket_range(resolution: int) -> dict[str, Any]:
+    """Aspect-ratio buckets around a training resolution: sides from half to twice it."""
+    values = dict(resolution=resolution, enable_bucket=True, min_bucket_reso=max(64, resolution // 2),
                   max_bucket_reso=resolution * 2, bucket_reso_steps=64 if resolution >= 256 else 32)
-    if values["min_bucket_reso"] > values["max_bucket_reso"]:
-        values["min_bucket_reso"] = values["max_bucket_reso"]
-    if values.get("optimizer") == "adamw8bit" and not _has_bitsandbytes():
-        values["optimizer"] = "adamw"  # 8-bit AdamW needs bitsandbytes (CUDA); plain AdamW still fits with the rest
-    values.setdefault("text_encoder_lr", None)
-    values.update(TYPE_PRESETS[network_type], network_type=network_type)
+    values["min_bucket_reso"] = min(values["min_bucket_reso"], values["max_bucket_reso"])
     return values
 
 

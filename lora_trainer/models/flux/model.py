@@ -9,6 +9,8 @@ import torch
 from ..base import BaseModel
 
 FAMILY = "flux"
+# T5 tokens per prompt that BFL's pipelines use by default (diffusers' FluxPipeline: 512; schnell: 256)
+T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 # ss_base_model_version / modelspec values kohya writes for FLUX.1 LoRAs; Forge's LoRA list marks a card "Flux"
 # by this architecture or implementation
 BASE_MODEL_VERSION = {"dev": "flux1", "schnell": "flux1"}
@@ -26,7 +28,7 @@ class FluxModel:
     name: str = "flux"
     path: Optional[str] = None
     source: str = "diffusers"
-    t5_max_length: int = 512
+    t5_max_length: Optional[int] = None  # None: T5_MAX_LENGTH of the variant
     family: str = FAMILY
     model_hash: Optional[str] = None
 
@@ -34,6 +36,10 @@ class FluxModel:
     def variant(self) -> str:
         """dev has a guidance embedder (distilled guidance is an input); schnell has none."""
         return "dev" if self.transformer.config.guidance_embeds else "schnell"
+
+    @property
+    def t5_length(self) -> int:
+        return self.t5_max_length or T5_MAX_LENGTH[self.variant]
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -64,6 +70,12 @@ class FluxModel:
     def modelspec_prediction_type(self) -> str:
         return "flow"  # rectified flow: the transformer predicts the velocity noise - image
 
+    def extra_metadata(self, cfg) -> dict:
+        """The FLUX.1 settings a LoRA file records besides the common ss_* keys (kohya's names)."""
+        return {"ss_t5xxl_max_token_length": self.t5_length, "ss_guidance_scale": cfg.guidance_scale,
+                "ss_timestep_sampling": cfg.timestep_sampling, "ss_sigmoid_scale": cfg.sigmoid_scale,
+                "ss_discrete_flow_shift": cfg.discrete_flow_shift}
+
     def describe(self) -> str:
         return f"FLUX.1 {self.variant} from {self.source} {self.path or self.name}"
 
@@ -80,7 +92,7 @@ def encode_flux_prompts(model: FluxModel, texts: list[str], max_length: Optional
     clip_tok, t5_tok = model.tokenizers
     ids = clip_tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
-    length = max_length or model.t5_max_length
+    length = max_length or model.t5_length
     ids = t5_tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     seq = t5(ids.to(t5.device), output_hidden_states=False)[0]
     dtype = next(model.transformer.parameters()).dtype
