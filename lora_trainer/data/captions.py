@@ -46,6 +46,20 @@ class CaptionOptions:
     def is_random(self) -> bool:
         return self.shuffle or self.tag_dropout > 0 or self.caption_dropout > 0
 
+    @property
+    def rearranges(self) -> bool:
+        """Whether a caption's text changes from draw to draw (beyond dropout's empty caption)."""
+        return self.shuffle or self.tag_dropout > 0
+
+
+def caption_forms(caption: str, options: CaptionOptions) -> list[str]:
+    """Every text a draw of `caption` can give, when there are few: the caption with its trigger words, and ""
+    with caption dropout. Shuffling and tag dropout give too many: ValueError."""
+    if options.rearranges:
+        raise ValueError("shuffled or tag-dropped captions have too many forms to list")
+    forms = [process_caption(caption, CaptionOptions(options.prefix, options.suffix), random.Random(0))]
+    return forms + ([""] if options.caption_dropout > 0 else [])
+
 
 def _without_leading(caption: str, prefix: str) -> str:
     """A caption that starts with the trigger word already (written by an autotag or by hand) does not get it

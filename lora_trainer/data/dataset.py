@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .buckets import Bucketer, cover_size, format_bucket_table, resize_and_crop
-from .captions import CaptionOptions, process_caption, split_tags
+from .captions import CaptionOptions, caption_forms, process_caption, split_tags
 from .errors import DatasetError, ImageLoadError
 from .fingerprint import file_digest
 from .images import failure_reason, load_image, parse_background
@@ -130,6 +130,14 @@ class Dataset:
     def caption_for(self, index: int, epoch: int = 0, position: int = 0) -> str:
         rng = derive_rng(self.cfg.seed, "caption", epoch, index, position)
         return process_caption(self.items[index].caption, self.caption_options, rng)
+
+    def all_captions(self) -> Optional[list[str]]:
+        """The distinct texts the run's draws can give (encodable once, up front); None when shuffling or tag
+        dropout makes them too many."""
+        if self.caption_options.rearranges:
+            return None
+        return list(dict.fromkeys(form for item in self.items
+                                  for form in caption_forms(item.caption, self.caption_options)))
 
     # ---- caching ----------------------------------------------------------------------------------
     def file_digest(self, index: int) -> str:

@@ -30,6 +30,11 @@ class FluxKind:
         if cfg.t5xxl_max_token_length:
             model.t5_max_length = cfg.t5xxl_max_token_length
 
+    def releases_text_encoders(self, cfg) -> bool:
+        """Frozen, T5-XXL and CLIP-L are needed only for captions and sample prompts: encoded once before
+        training, they leave the device (T5-XXL alone is ~9 GiB in bf16)."""
+        return not cfg.train_text_encoder
+
     def card_version(self, model) -> str:
         return "Flux"  # Forge's LoRA card knows Flux; A1111 reads an unknown value as "guess from the file"
 
@@ -59,23 +64,27 @@ class FluxKind:
         parts = cached_text(captions, text_cache, lambda missing: encode_flux_prompts(model, missing))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def save_samples(self, model, prompts, folder, tag, **kwargs):
+    def save_samples(self, model, prompts, folder, tag, text=None, **kwargs):
+        """text(prompts) -> (T5 sequence, CLIP pooled): the run's cache (the encoders may have left the device)."""
+        from functools import partial
+
         from .sampling import save_samples
 
-        return save_samples(model, prompts, folder, tag, render_fn=render_flux, **kwargs)
+        return save_samples(model, prompts, folder, tag, render_fn=partial(render_flux, text=text), **kwargs)
 
 
 @torch.no_grad()
 def render_flux(model, prompt: str, *, seed: int, steps: int, cfg_scale: float, width: int, height: int,
-                stop=None, output_type: str = "pil", **_):
-    """One image with FluxPipeline and our prompt embeddings; cfg_scale is dev's distilled guidance."""
+                stop=None, output_type: str = "pil", text=None, **_):
+    """One image with FluxPipeline and our prompt embeddings (text([prompt]) when given); cfg_scale is dev's
+    distilled guidance."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(transformer=model.transformer, vae=model.vae, text_encoder=model.text_encoders[0],
                         tokenizer=model.tokenizers[0], text_encoder_2=model.text_encoders[1],
                         tokenizer_2=model.tokenizers[1], scheduler=model.noise_scheduler)
     pipe.set_progress_bar_config(disable=True)
-    seq, pooled = encode_flux_prompts(model, [prompt])
+    seq, pooled = text([prompt]) if text is not None else encode_flux_prompts(model, [prompt])
     kwargs = {}
     if stop is not None:
         def check_stop(_pipe, _i, _t, callback_kwargs):

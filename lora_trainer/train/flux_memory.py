@@ -4,9 +4,11 @@ step traced on the meta device (memory_plan.py does the counting; this module sa
 What a Flux run holds on its device (Trainer._place_model, FluxKind):
 - the transformer in the training precision (bf16 under mixed precision), or 1 byte a parameter with fp8_base
   (stored in float8, each layer upcast as it runs: the upcast copy is a per-layer temporary, not kept);
-- CLIP-L and T5-XXL, frozen, for the whole run: captions are encoded when first seen (kinds.cached_text keeps the
-  outputs, not the encoders) and sample prompts are encoded at sampling time, so neither encoder is released.
-  T5-XXL alone is ~9 GiB in bf16; `kept_text_encoders` in the estimate says how much of the weights that is;
+- CLIP-L and T5-XXL only while they encode, when they are frozen and the captions can be listed: every caption
+  and sample prompt is encoded before training (kinds.encode_all_text), with the transformer still on the CPU,
+  and the encoders then leave the device. When the text encoder trains, when shuffle_caption /
+  caption_tag_dropout_rate make captions vary, or on a host's model, they stay for the whole run: T5-XXL alone is
+  ~9 GiB in bf16; `kept_text_encoders` in the estimate says how much of the weights that is;
 - the VAE in fp32 (latent caching runs it before training; without caching, every step).
 T5 runs without gradients and before the transformer, so its activations are gone when the transformer's peak
 comes; only CLIP runs with gradients, when the text encoder trains.
@@ -25,9 +27,18 @@ CHECKPOINTED_FLUX = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 PATCH = 16  # image pixels per packed token side: the VAE's 8x, then 2x2 latent patches
 
 
-def flux_weights(model, cfg: TrainConfig) -> tuple[int, int]:
-    """(bytes of all frozen weights, bytes of the text encoders among them). fp8_base (when the config has the
-    key) stores the transformer at 1 byte a parameter; the meta transformer is then traced in bf16 as it runs."""
+def text_encoders_released(cfg: TrainConfig, resident: bool) -> bool:
+    """Whether the run encodes all text up front and moves the encoders off the device (our own load only)."""
+    from ..data.captions import CaptionOptions
+    from .flux_kind import FluxKind
+
+    return not resident and FluxKind().releases_text_encoders(cfg) and not CaptionOptions.from_config(cfg).rearranges
+
+
+def flux_weights(model, cfg: TrainConfig, resident: bool = False) -> tuple[int, int]:
+    """(bytes of the frozen weights on the device while training, bytes of the text encoders among them). fp8_base
+    (when the config has the key) stores the transformer at 1 byte a parameter; the meta transformer is then
+    traced in bf16 as it runs. Released text encoders are not counted: they encode before the transformer comes."""
     transformer = model.transformer
     stored_fp8 = next(transformer.parameters()).element_size() == 1  # a host's float8 weights
     if getattr(cfg, "fp8_base", False) or stored_fp8:
@@ -36,7 +47,7 @@ def flux_weights(model, cfg: TrainConfig) -> tuple[int, int]:
         denoiser = _nbytes(transformer)
     if stored_fp8:
         transformer.to(torch.bfloat16)  # the meta copy computes as the real one does: in bf16, layer by layer
-    text = _nbytes(*model.text_encoders)
+    text = 0 if text_encoders_released(cfg, resident) else _nbytes(*model.text_encoders)
     return denoiser + text + _nbytes(model.vae), text
 
 

@@ -18,6 +18,7 @@ from .loss import diffusion_loss, diffusion_target, sample_noise, sample_timeste
 
 
 TEXT_CACHE_SIZE = 4096
+TEXT_CHUNK = 8  # captions per text-encoder call when a run encodes them all up front
 
 
 def cached_text(captions: list[str], text_cache: OrderedDict, encode) -> list[tuple]:
@@ -35,6 +36,31 @@ def cached_text(captions: list[str], text_cache: OrderedDict, encode) -> list[tu
     return [text_cache[c] for c in captions]
 
 
+def encode_all_text(model, captions: Optional[list[str]], prompts: list[str], text, device: torch.device, stop,
+                    log, phase) -> bool:
+    """For a kind that releases its frozen text encoders: every caption the draws can give (the dataset's
+    all_captions(); None when shuffling makes them too many) and every sample prompt goes through text() (the
+    run's cache) now, then the encoders move to the CPU for the rest of the run. Returns whether they did."""
+    texts = None if captions is None else list(dict.fromkeys(captions + prompts))
+    if texts is None or len(texts) > TEXT_CACHE_SIZE:
+        why = ("captions change from draw to draw (shuffle_caption / caption_tag_dropout_rate)" if texts is None
+               else f"{len(texts)} distinct captions are more than the cache holds ({TEXT_CACHE_SIZE})")
+        log(f"the text encoders stay on the {device.type} for the whole run: {why}")
+        return False
+    phase(f"encoding {len(texts)} captions and sample prompts")
+    for start in range(0, len(texts), TEXT_CHUNK):
+        stop.check()
+        text(texts[start:start + TEXT_CHUNK])
+    size = sum(p.numel() * p.element_size() for te in model.text_encoders for p in te.parameters())
+    for te in model.text_encoders:
+        te.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"{len(texts)} captions and sample prompts encoded; the text encoders ({size / 2 ** 30:.1f} GiB) moved to "
+        f"the CPU for the rest of the run")
+    return True
+
+
 class SDKind:
     """SD1, SD2, SDXL: epsilon / v objective on a discrete DDPM schedule, CLIP conditioning in 75-token chunks."""
 
@@ -49,6 +75,10 @@ class SDKind:
 
     def card_version(self, model) -> str:
         return self.card_versions[model.family]
+
+    def releases_text_encoders(self, cfg) -> bool:
+        """SD's text encoders stay (they are small, and samples encode their negative prompts)."""
+        return False
 
     def configure(self, model, cfg) -> None:
         """Settings of the run that the loaded model carries (none for SD)."""
@@ -100,10 +130,10 @@ class SDKind:
         pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         return embeds, pooled
 
-    def save_samples(self, model, prompts, folder, tag, **kwargs):
+    def save_samples(self, model, prompts, folder, tag, text=None, **kwargs):
         from .sampling import save_samples
 
-        return save_samples(model, prompts, folder, tag, **kwargs)
+        return save_samples(model, prompts, folder, tag, **kwargs)  # SD samples encode their own prompts
 
 
 def kind_of(model) -> "SDKind":

@@ -349,7 +349,7 @@ def estimate_memory(source, cfg: TrainConfig, device_type: str = "cuda", residen
     if flux:
         from .flux_memory import flux_weights, trace_flux_training
 
-        weights, kept_text = flux_weights(model, cfg)
+        weights, kept_text = flux_weights(model, cfg, resident)
     else:
         weights, kept_text = _nbytes(model.unet, *model.text_encoders, model.vae), 0
 

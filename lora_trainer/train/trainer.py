@@ -30,7 +30,7 @@ from .run_guards import (disk_space_for_run, failure_message, new_run_name, read
                          set_aside_earlier_run, write_message)
 from .errors import TrainingFailed
 from .events import EventBus, StepTimer
-from .kinds import kind_for_config, kind_of
+from .kinds import encode_all_text, kind_for_config, kind_of
 from .optim import make_optimizer, make_scheduler
 from .sampling import load_prompts, sample_size
 from .tblog import ScalarLog
@@ -107,19 +107,23 @@ class Trainer:
             return torch.bfloat16
         return torch.float16 if mp == "fp16" else torch.bfloat16
 
-    def _place_model(self, model: BaseModel, owns_model: bool, autocast_dtype: Optional[torch.dtype]
-                     ) -> Optional[torch.dtype]:
+    def _place_model(self, model: BaseModel, owns_model: bool, autocast_dtype: Optional[torch.dtype],
+                     denoiser_later: bool = False) -> Optional[torch.dtype]:
         """Moves the frozen modules to the device; returns the autocast dtype.
 
         A model we loaded ourselves is in the training precision already (frozen weights in fp16/bf16 under
         mixed precision, fp32 otherwise; the VAE fp32, SD VAEs overflow in fp16): the loader converted it tensor
         by tensor, so the casts here change nothing on the CPU, and a move to the GPU goes parameter by
         parameter. A host's model is never cast: that would copy its weights. Half-precision host weights then
-        run under autocast.
+        run under autocast. denoiser_later: the UNet / transformer stays on the CPU until the text encoders have
+        encoded every caption and left the device (kinds.encode_all_text), so the two never share it.
         """
         if owns_model:
             weights_dtype = autocast_dtype or torch.float32
-            model.unet.to(self.device, dtype=weights_dtype)
+            if denoiser_later:
+                model.unet.to(dtype=weights_dtype)
+            else:
+                model.unet.to(self.device, dtype=weights_dtype)
             for te in model.text_encoders:
                 te.to(self.device, dtype=weights_dtype)
             model.vae.to(self.device, dtype=torch.float32)
@@ -192,7 +196,8 @@ class Trainer:
         model = self._load_model(autocast_dtype or torch.float32)
         self.stop.check()
         model.freeze()
-        autocast_dtype = self._place_model(model, owns_model, autocast_dtype)
+        release_text = owns_model and self.kind.releases_text_encoders(cfg)
+        autocast_dtype = self._place_model(model, owns_model, autocast_dtype, denoiser_later=release_text)
         self.latents = LatentEncoder(model.vae, self.device, cfg.batch_size, procs, self.stop, self.log)
         note = memory_note(model, cfg, self.device)
         if note:
@@ -230,6 +235,13 @@ class Trainer:
             self.latents.fill(ds, cache)
         else:
             ds.verify(self.log)
+        prompts = load_prompts(cfg.sample_prompts) if procs.is_main else []
+        text_cache: OrderedDict[str, tuple] = OrderedDict()
+        if release_text:
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                encode_all_text(model, ds.all_captions(), prompts, lambda t: self._text(t, text_cache), self.device,
+                                self.stop, self.log, self.phase)
+            model.unet.to(self.device)  # in its training precision already (_place_model)
 
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
@@ -297,9 +309,7 @@ class Trainer:
         if tb.unavailable:
             self.log(tb.unavailable)
         session_id = new_session_id()
-        prompts = load_prompts(cfg.sample_prompts) if procs.is_main else []
         sw, sh = sample_size(cfg)
-        text_cache: OrderedDict[str, tuple] = OrderedDict()
         losses: list[float] = []
         last_checkpoint: Optional[Path] = None
         timer = StepTimer()
@@ -357,7 +367,7 @@ class Trainer:
                     paths = self.kind.save_samples(
                         model, prompts, self.output_dir / "samples", tag, seed=cfg.sample_seed,
                         steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, width=sw, height=sh,
-                        clip_skip=cfg.clip_skip, stop=self.stop,
+                        clip_skip=cfg.clip_skip, stop=self.stop, text=lambda ps: self._text(ps, text_cache),
                         on_image=lambda i, n: self.phase(f"rendering sample {i}/{n}", global_step, total_steps))
             except StopRequested:
                 self.log("sample rendering skipped: stop requested")
