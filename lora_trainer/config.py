@@ -61,6 +61,8 @@ class TrainConfig:
     discrete_flow_shift: float = _opt(3.0, "FLUX.1: the shift of timestep_sampling: shift", min=0.0)
     guidance_scale: float = _opt(1.0, "FLUX.1 dev: the guidance value the transformer is given while training",
                                  min=0.0)
+    fp8_base: bool = _opt(False, "FLUX.1: keep the frozen transformer in float8_e4m3fn (half of bf16's memory), each "
+                          "layer cast to the compute precision when it runs; the LoRA itself stays fp32")
     clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
                           min=1, max=12)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -44,10 +45,7 @@ def test_cli_trains_tiny_flux_and_writes_a_kohya_flux_lora(flux_dir, tmp_path, c
 
 
 def test_training_lowers_the_flow_loss_on_a_fixed_batch(flux_dir, tmp_path):
-    from lora_trainer.data import build_dataset
-    from lora_trainer.models.flux import objective as flow
     from lora_trainer.models.flux.loader import load_flux
-    from lora_trainer.models.flux.model import encode_flux_prompts
     from lora_trainer.train.trainer import Trainer
 
     data = make_images(tmp_path / "data", n=2, sizes=((64, 64),))
@@ -56,20 +54,7 @@ def test_training_lowers_the_flow_loss_on_a_fixed_batch(flux_dir, tmp_path):
     model = load_flux(str(flux_dir), log_fn=lambda *_: None)
     trainer = Trainer(cfg, model=model, keep_network=True)
     trainer.run()
-    ds = build_dataset(cfg, log=None)
-    pixels = torch.stack([ds.load_sample(i, 0, 0)["pixels"] for i in range(2)])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = flow.to_latents(model.vae.encode(pixels).latent_dist.mean, model.vae.config)
-        seq, pooled = encode_flux_prompts(model, [ds.caption_for(i, 0, 0) for i in range(2)])
-        noise = [torch.randn(latents.shape, generator=g) for _ in range(6)]
-        sigmas = [flow.sample_sigmas(2, "sigmoid", generator=g) for _ in range(6)]
-        totals = {}
-        for weight in (0.0, 1.0):
-            with trainer.network.multiplier(weight):
-                totals[weight] = sum(torch.nn.functional.mse_loss(*flow.predict(model.transformer, latents, n, s, seq,
-                                                                                pooled)).item()
-                                     for n, s in zip(noise, sigmas))
+    totals = fixed_batch_losses(cfg, model, trainer.network)
     assert totals[1.0] < 0.9 * totals[0.0], totals
 
 
@@ -111,3 +96,25 @@ def test_single_file_flux_trains_and_continues_from_its_own_lora(flux_dir, tmp_p
 
 def meta_of(path):
     return read_lora(path)[1]
+
+
+def fixed_batch_losses(cfg, model, network, autocast=None) -> dict[float, float]:
+    """The flow loss summed over six draws of one fixed batch, without (0.0) and with (1.0) the trained LoRA."""
+    from lora_trainer.data import build_dataset
+    from lora_trainer.models.flux import objective as flow
+    from lora_trainer.models.flux.model import encode_flux_prompts
+
+    ds = build_dataset(cfg, log=None)
+    pixels = torch.stack([ds.load_sample(i, 0, 0)["pixels"] for i in range(2)])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = flow.to_latents(model.vae.encode(pixels).latent_dist.mean, model.vae.config)
+        seq, pooled = encode_flux_prompts(model, [ds.caption_for(i, 0, 0) for i in range(2)])
+        noise = [torch.randn(latents.shape, generator=g) for _ in range(6)]
+        sigmas = [flow.sample_sigmas(2, "sigmoid", generator=g) for _ in range(6)]
+        totals = {}
+        for weight in (0.0, 1.0):
+            with network.multiplier(weight), (torch.autocast("cpu", autocast) if autocast else nullcontext()):
+                totals[weight] = sum(torch.nn.functional.mse_loss(*[t.float() for t in flow.predict(
+                    model.transformer, latents, n, s, seq, pooled)]).item() for n, s in zip(noise, sigmas))
+    return totals
