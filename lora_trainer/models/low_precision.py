@@ -53,8 +53,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class FrozenLowPrecisionLinear(torch.nn.Linear):
     """y = x W^T + b with W stored as given (fp8, packed nf4, or a float tensor) and cast per call.
 
-    weight: the stored tensor (shared, never copied); rows: output-row ranges of the (dequantized) stored weight
-    this layer computes, in order (None: all); scale: a scalar the stored weight is multiplied by (scaled fp8);
+    weight, bias: the stored tensors (shared, never copied); rows: output-row ranges of the (dequantized) stored
+    weight and of the bias that this layer computes, in order (None: all); scale: a scalar the stored weight is multiplied by (scaled fp8);
     dequantize: stored -> float weight (None: a plain cast). `compute_dtype = None` tells peft (>= 0.15) to leave
     the LoRA weights in their own precision."""
 
@@ -71,14 +71,21 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
         self.rows = rows
         self.dequantize = dequantize
 
+    def _cut(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's rows of `t` in `dtype`: one range is cut first (a view, so only those rows are cast);
+        reordered ranges are cast first (autocast's cat refuses fp8)."""
+        if self.rows is None:
+            return t.to(dtype)
+        if len(self.rows) == 1:
+            return t[self.rows[0][0]:self.rows[0][1]].to(dtype)
+        t = t.to(dtype)
+        return torch.cat([t[a:b] for a, b in self.rows])
+
     def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        w = self.weight if self.dequantize is None else self.dequantize(self.weight)
-        if self.rows is not None:
-            w = torch.cat([w[a:b] for a, b in self.rows]) if len(self.rows) > 1 else w[self.rows[0][0]:self.rows[0][1]]
-        w = w.to(dtype)
+        w = self._cut(self.weight if self.dequantize is None else self.dequantize(self.weight), dtype)
         if self.scale is not None:
             w = w * self.scale.to(dtype)
-        return w, None if self.bias is None else self.bias.to(dtype)
+        return w, None if self.bias is None else self._cut(self.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)

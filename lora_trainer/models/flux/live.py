@@ -51,11 +51,10 @@ def _part_layer(layer, rows: tuple[tuple[int, int], ...], dequantize: Callable) 
         if bias is not None:
             linear.bias = torch.nn.Parameter(bias[a:b], requires_grad=False)
         return linear
-    if bias is not None:  # biases are never quantized; a cut in row order is a view (a copy only when swapped)
-        bias = torch.cat([bias[a:b] for a, b in rows]) if len(rows) > 1 else bias[rows[0][0]:rows[0][1]]
     if not is_4bit(weight) and len(rows) == 1:
         (a, b), = rows
-        return FrozenLowPrecisionLinear(weight[a:b], bias, in_features, out, scale=scale)
+        return FrozenLowPrecisionLinear(weight[a:b], None if bias is None else bias[a:b], in_features, out,
+                                        scale=scale)
     return FrozenLowPrecisionLinear(weight, bias, in_features, out, rows=rows, scale=scale,
                                     dequantize=dequantize if is_4bit(weight) else None)
 
