@@ -317,7 +317,7 @@ def test_a_job_trains_a_kohya_flux_lora_on_forges_model_and_leaves_it_as_it_was(
     data = make_images(tmp_path / "data", n=2, sizes=((64, 64),))
     cfg = base_config(train_data_dir=str(data), output_dir=str(tmp_path / "runs"), output_name="forge_flux",
                       max_train_steps=3, train_text_encoder=False, max_bucket_reso=64, learning_rate=1e-2,
-                      save_precision="fp32")
+                      save_precision="fp32", sample_prompts=["red square"], sample_steps=1)
     runner = JobRunner()
     runner.start(cfg, ForgeHost(log=quiet))
     assert runner.wait(300)
@@ -330,6 +330,7 @@ def test_a_job_trains_a_kohya_flux_lora_on_forges_model_and_leaves_it_as_it_was(
     assert sd.keys() == cli_keys.keys() and all(sd[k].shape == cli_keys[k].shape for k in sd)
     assert {v.dtype for v in sd.values()} == {torch.float32}
     assert any(torch.count_nonzero(v) for k, v in sd.items() if k.endswith("lora_up.weight"))
+    assert list((tmp_path / "runs").rglob("samples/*.png"))  # our own sampler runs on Forge's model too
     # Forge's model exactly as before: every tensor bit-identical in its dtype, no LoRA layer left in it
     after = _snapshot(sd_model)
     assert after.keys() == before.keys()

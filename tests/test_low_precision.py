@@ -30,6 +30,14 @@ def test_fp8_layer_computes_with_its_upcast_weight_and_passes_gradients_to_the_i
         assert layer(x).dtype == torch.bfloat16
 
 
+def test_a_scaled_fp8_weight_is_multiplied_by_its_scale():
+    ref = _linear()
+    w8 = (ref.weight.detach() / 4).to(torch.float8_e4m3fn)
+    layer = FrozenLowPrecisionLinear(w8, None, 16, 12, scale=torch.tensor(4.0))
+    x = torch.randn(2, 16)
+    assert torch.equal(layer(x), x @ (w8.float() * 4).T)
+
+
 def test_moves_and_casts_keep_the_fp8_storage():
     model = torch.nn.Sequential(_linear(), torch.nn.LayerNorm(12))
     assert to_fp8(model) == 1
