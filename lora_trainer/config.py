@@ -254,7 +254,8 @@ class TrainConfig:
             raise ConfigError("load_in_4bit and load_in_8bit are both true: choose one (4 bits is QLoRA)")
         if (self.load_in_4bit or self.load_in_8bit) and self.task_type != "text-generation":
             raise ConfigError(f"load_in_{4 if self.load_in_4bit else 8}bit is for task_type: text-generation (the "
-                              f"Stable Diffusion trainer does not quantize its base model)")
+                              f"image trainer does not quantize its base model to 4/8-bit integers; for FLUX.1, "
+                              f"fp8_base: true keeps the transformer in fp8)")
         if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
             raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
 

@@ -78,3 +78,10 @@ def test_fp8_base_is_refused_for_stable_diffusion(tmp_path):
 
     with pytest.raises(ConfigError, match="fp8_base"):
         SDKind().load(base_config(base_model=str(tmp_path / "sd.safetensors"), fp8_base=True), print, None)
+
+
+def test_nf4_in_the_cli_is_refused_with_the_fp8_alternative():
+    from lora_trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp8_base: true"):
+        base_config(model_family="flux", load_in_4bit=True)

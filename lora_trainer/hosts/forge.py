@@ -18,6 +18,7 @@ built-in LoRA extension), so this adapter is the A1111 one with the model side r
   never train Forge's modules: the engine builds diffusers modules on the same tensors.
 - Forge skips a LoRA whose keys it cannot match with only a console line, so `preview` checks that the
   file really was applied (Forge's patchers list the files they patched with) and says so if not.
+- FLUX.1 (Forge's `Flux` engine) is handed to the trainer as a ready FluxModel: hosts/forge_flux.py.
 """
 from __future__ import annotations
 
