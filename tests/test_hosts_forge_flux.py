@@ -290,6 +290,7 @@ def test_text_encoders_and_vae_are_forges_and_encode_as_the_pipeline_does(forge)
     # Forge's encoders are not adopted: moving or re-flagging our model leaves them alone
     clip = sd_model.forge_objects_original.clip.cond_stage_model["clip_l"].transformer
     assert not list(model.text_encoders[0].parameters()) and next(clip.parameters()).is_inference()
+    assert model.text_encoders[1].dtype == torch.float32  # the compute dtype, never an fp8 / packed storage one
 
 
 def test_train_text_encoder_and_fp8_base_are_explained(forge):

@@ -38,6 +38,16 @@ def test_a_scaled_fp8_weight_is_multiplied_by_its_scale():
     assert torch.equal(layer(x), x @ (w8.float() * 4).T)
 
 
+def test_float_dtype_looks_past_low_precision_storage():
+    from lora_trainer.models.low_precision import float_dtype
+
+    model = torch.nn.Sequential(fp8_linear(torch.nn.Linear(16, 12, bias=False)),
+                                torch.nn.LayerNorm(12, dtype=torch.bfloat16))
+    assert float_dtype(model) == torch.bfloat16
+    model[0].weight = _packed(torch.randn(12, 16))
+    assert float_dtype(model) == torch.bfloat16
+
+
 def test_moves_and_casts_keep_the_fp8_storage():
     model = torch.nn.Sequential(_linear(), torch.nn.LayerNorm(12))
     assert to_fp8(model) == 1

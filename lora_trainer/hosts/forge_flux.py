@@ -56,7 +56,10 @@ class ForgeTextEncoder(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.forge.parameters()).dtype
+        """What it computes in (FluxPipeline makes its text position ids in this dtype): not fp8 / nf4 storage."""
+        from ..models.low_precision import float_dtype
+
+        return float_dtype(self.forge)
 
 
 class ForgeClipL(ForgeTextEncoder):
