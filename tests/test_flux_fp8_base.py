@@ -25,7 +25,8 @@ def test_cli_fp8_base_writes_the_same_kohya_file_as_a_full_precision_run(flux_di
         out = tmp_path / f"out-{fp8}"
         cfg = _write_yaml(tmp_path / f"flux_{fp8}.yaml", output_dir=str(out), fp8_base=fp8, **keys)
         assert main(["train", "--config", str(cfg)]) == 0
-        files[fp8] = read_lora(out / f"flux_{fp8}.safetensors")[0]
+        files[fp8], meta = read_lora(out / f"flux_{fp8}.safetensors")
+        assert meta["ss_fp8_base"] == str(fp8)
         said = capsys.readouterr()
         assert ("stored in float8_e4m3fn" in said.out + said.err) == fp8
     assert files[True].keys() == files[False].keys()

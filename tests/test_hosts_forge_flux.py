@@ -326,6 +326,7 @@ def test_a_job_trains_a_kohya_flux_lora_on_forges_model_and_leaves_it_as_it_was(
     assert st["state"] == "finished", st
     sd, meta = read_lora(Path(st["lora_path"]))
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_sd_model_name"].startswith("flux1-tiny")
+    assert meta["ss_fp8_base"] == str(storage == "fp8")  # kohya's record of an fp8 base
     # the same keys (and shapes) as the CLI writes for this transformer
     cli_keys = create_network(reference_model(comps), cfg).state_dict()
     assert sd.keys() == cli_keys.keys() and all(sd[k].shape == cli_keys[k].shape for k in sd)

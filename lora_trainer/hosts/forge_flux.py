@@ -143,7 +143,8 @@ def forge_flux_model(sd_model, name: str, path: Optional[str], digest: Optional[
                       text_encoders=[ForgeClipL(clip_l), ForgeT5(t5)],
                       tokenizers=[tokenizers.clip_l, tokenizers.t5xxl],
                       noise_scheduler=flux_scheduler(transformer.config.guidance_embeds), name=name, path=path,
-                      source="forge", model_hash=digest, compute_dtype=compute)
+                      source="forge", model_hash=digest, compute_dtype=compute,
+                      base_storage=storage_name(diffusion_model))
     model.freeze()
     log(f"base model: {model.describe()}, transformer held by Forge in {storage_name(diffusion_model) or 'its dtype'}"
         f" (computing in {str(compute).replace('torch.', '')})")

@@ -27,7 +27,7 @@ class FluxKind:
             from ..models.low_precision import to_fp8
 
             count = to_fp8(model.transformer, torch.float8_e4m3fn)
-            model.compute_dtype = dtype or torch.float32
+            model.compute_dtype, model.base_storage = dtype or torch.float32, "float8_e4m3fn"
             log(f"fp8_base: {count} frozen transformer layers stored in float8_e4m3fn, computed in "
                 f"{str(model.compute_dtype).replace('torch.', '')}")
         return model

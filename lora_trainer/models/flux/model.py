@@ -30,6 +30,7 @@ class FluxModel:
     model_hash: Optional[str] = None
     # what the transformer computes in when its weights are stored lower (fp8, nf4); None: its weights' dtype
     compute_dtype: Optional[torch.dtype] = None
+    base_storage: str = ""  # how the frozen transformer is stored when not as computed: float8_e4m3fn, nf4, ...
 
     @property
     def variant(self) -> str:
