@@ -30,6 +30,35 @@ def test_fp8_layer_computes_with_its_upcast_weight_and_passes_gradients_to_the_i
         assert layer(x).dtype == torch.bfloat16
 
 
+def test_backward_keeps_no_upcast_weight_and_gives_the_same_gradient():
+    ref = _linear()
+    layer = fp8_linear(ref)
+    x = torch.randn(3, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert (12, 16) not in saved  # the bf16/fp32 copy of the weight is not held until backward
+    (y * torch.arange(12.0)).sum().backward()
+    w = ref.weight.detach().to(torch.float8_e4m3fn).float()
+    assert torch.allclose(x.grad, (torch.ones(3, 1) * torch.arange(12.0)) @ w)
+    with torch.autocast("cpu", torch.bfloat16):
+        x.grad = None
+        layer(x).float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_through_a_low_precision_layer(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    layer = fp8_linear(_linear())
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    plain, x.grad = x.grad, None
+    checkpoint(lambda t: layer(t).pow(2), x, use_reentrant=reentrant).sum().backward()
+    assert torch.allclose(x.grad, plain)
+
+
 def test_a_scaled_fp8_weight_is_multiplied_by_its_scale():
     ref = _linear()
     w8 = (ref.weight.detach() / 4).to(torch.float8_e4m3fn)

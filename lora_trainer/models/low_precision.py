@@ -50,6 +50,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _RecastLinear(torch.autograd.Function):
+    """x W^T + b whose backward materialises W again instead of keeping it: autograd would otherwise hold every
+    layer's upcast weight from forward to backward, a full-precision copy of the model (as bitsandbytes' 4-bit
+    matmul does, the low-precision weight is re-read in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        w, b = layer.materialize(x.dtype)
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, _ = ctx.layer.materialize(grad.dtype)
+        return grad @ w, None
+
+
 class FrozenLowPrecisionLinear(torch.nn.Linear):
     """y = x W^T + b with W stored as given (fp8, packed nf4, or a float tensor) and cast per call.
 
@@ -89,8 +106,11 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
+        x = x.to(dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RecastLinear.apply(x, self)
         w, b = self.materialize(dtype)
-        return torch.nn.functional.linear(x.to(dtype), w, b)
+        return torch.nn.functional.linear(x, w, b)
 
     def _apply(self, fn, recurse=True):
         """Moves keep the stored weight's dtype: `module.to(device, dtype)` must not turn fp8 back into bf16
