@@ -130,8 +130,8 @@ def forge_flux_model(sd_model, name: str, path: Optional[str], digest: Optional[
     problem = flux_problem(diffusion_model)
     if problem:
         raise HostError(problem)
-    # autograd saves the float weights it multiplies by: those must not be inference tensors (fp8 and nf4 are
-    # cast / dequantized into new tensors per call, and packed 4-bit data cannot be cloned without its state)
+    # autograd saves the float weights it multiplies by as they are, so those must not be inference tensors;
+    # make_trainable leaves packed 4-bit data alone (a clone would lose its quant state; it is dequantized per call)
     replaced = make_trainable(diffusion_model, first_stage)
     if replaced:
         log(f"made {replaced} of Forge's inference-mode tensors trainable (in place, no second copy)")
