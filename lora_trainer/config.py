@@ -64,6 +64,8 @@ class TrainConfig:
     t5xxl_max_token_length: Optional[int] = _opt(None, "FLUX.1: T5 tokens per caption (longer is cut; default: 512 "
                                                  "for dev, 256 for schnell, as BFL's pipelines encode)", min=1,
                                                  max=512)
+    fp8_base: bool = _opt(False, "FLUX.1: keep the frozen transformer in float8_e4m3fn (half of bf16's memory), each "
+                          "layer cast to the compute precision when it runs; the LoRA itself stays fp32")
     clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
                           min=1, max=12)
 
@@ -255,7 +257,8 @@ class TrainConfig:
             raise ConfigError("load_in_4bit and load_in_8bit are both true: choose one (4 bits is QLoRA)")
         if (self.load_in_4bit or self.load_in_8bit) and self.task_type != "text-generation":
             raise ConfigError(f"load_in_{4 if self.load_in_4bit else 8}bit is for task_type: text-generation (the "
-                              f"Stable Diffusion trainer does not quantize its base model)")
+                              f"image trainer does not quantize its base model to 4/8-bit integers; for FLUX.1, "
+                              f"fp8_base: true keeps the transformer in fp8)")
         if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
             raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -46,10 +47,7 @@ def test_cli_trains_tiny_flux_and_writes_a_kohya_flux_lora(flux_dir, tmp_path, c
 
 
 def test_training_lowers_the_flow_loss_on_a_fixed_batch(flux_dir, tmp_path):
-    from lora_trainer.data import build_dataset
-    from lora_trainer.models.flux import objective as flow
     from lora_trainer.models.flux.loader import load_flux
-    from lora_trainer.models.flux.model import encode_flux_prompts
     from lora_trainer.train.trainer import Trainer
 
     data = make_images(tmp_path / "data", n=2, sizes=((64, 64),))
@@ -58,20 +56,7 @@ def test_training_lowers_the_flow_loss_on_a_fixed_batch(flux_dir, tmp_path):
     model = load_flux(str(flux_dir), log_fn=lambda *_: None)
     trainer = Trainer(cfg, model=model, keep_network=True)
     trainer.run()
-    ds = build_dataset(cfg, log=None)
-    pixels = torch.stack([ds.load_sample(i, 0, 0)["pixels"] for i in range(2)])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = flow.to_latents(model.vae.encode(pixels).latent_dist.mean, model.vae.config)
-        seq, pooled = encode_flux_prompts(model, [ds.caption_for(i, 0, 0) for i in range(2)])
-        noise = [torch.randn(latents.shape, generator=g) for _ in range(6)]
-        sigmas = [flow.sample_sigmas(2, "sigmoid", generator=g) for _ in range(6)]
-        totals = {}
-        for weight in (0.0, 1.0):
-            with trainer.network.multiplier(weight):
-                totals[weight] = sum(torch.nn.functional.mse_loss(*flow.predict(model.transformer, latents, n, s, seq,
-                                                                                pooled)).item()
-                                     for n, s in zip(noise, sigmas))
+    totals = fixed_batch_losses(cfg, model, trainer.network)
     assert totals[1.0] < 0.9 * totals[0.0], totals
 
 
@@ -137,3 +122,25 @@ def test_t5xxl_max_token_length_sets_the_text_sequence_and_is_recorded(flux_dir,
     meta = meta_of(result.lora_path)
     assert meta["ss_t5xxl_max_token_length"] == "64"
     assert meta["ss_timestep_sampling"] == "sigmoid" and meta["ss_guidance_scale"] == "1.0"
+
+
+def fixed_batch_losses(cfg, model, network, autocast=None) -> dict[float, float]:
+    """The flow loss summed over six draws of one fixed batch, without (0.0) and with (1.0) the trained LoRA."""
+    from lora_trainer.data import build_dataset
+    from lora_trainer.models.flux import objective as flow
+    from lora_trainer.models.flux.model import encode_flux_prompts
+
+    ds = build_dataset(cfg, log=None)
+    pixels = torch.stack([ds.load_sample(i, 0, 0)["pixels"] for i in range(2)])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = flow.to_latents(model.vae.encode(pixels).latent_dist.mean, model.vae.config)
+        seq, pooled = encode_flux_prompts(model, [ds.caption_for(i, 0, 0) for i in range(2)])
+        noise = [torch.randn(latents.shape, generator=g) for _ in range(6)]
+        sigmas = [flow.sample_sigmas(2, "sigmoid", generator=g) for _ in range(6)]
+        totals = {}
+        for weight in (0.0, 1.0):
+            with network.multiplier(weight), (torch.autocast("cpu", autocast) if autocast else nullcontext()):
+                totals[weight] = sum(torch.nn.functional.mse_loss(*[t.float() for t in flow.predict(
+                    model.transformer, latents, n, s, seq, pooled)]).item() for n, s in zip(noise, sigmas))
+    return totals

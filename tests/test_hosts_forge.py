@@ -209,7 +209,7 @@ def test_checkpoint_info_names_the_pending_model_and_training_loads_it(forge, tm
     assert host.checkpoint_info().supported and "forge_model_reload" not in forge.calls  # loaded once
 
 
-@pytest.mark.parametrize("kind,match", [("Flux", "Flux models cannot be trained here yet"),
+@pytest.mark.parametrize("kind,match", [("Chroma", "Chroma models cannot be trained here yet"),
                                         ("StableDiffusion3", "cannot be trained here yet"),
                                         ("StableDiffusionXLRefiner", "refiner")])
 def test_unsupported_architectures_are_named(forge, tmp_path, kind, match):

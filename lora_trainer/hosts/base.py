@@ -194,8 +194,8 @@ class Host(ABC):
         from ..models.loader import build_from_ldm_state_dict
 
         loaded = self.loaded_checkpoint()
-        if isinstance(loaded, BaseModel):
-            model = loaded
+        if not isinstance(loaded, LoadedCheckpoint):
+            model = loaded  # a ready model (BaseModel, FluxModel)
         else:
             digest = loaded.hash
             model = build_from_ldm_state_dict(
@@ -206,7 +206,8 @@ class Host(ABC):
         if family not in ("auto", None, model.family):
             raise ConfigError(f"model_family is {family!r} but the loaded checkpoint is {model.family.upper()} "
                               f"({model.name}); set model_family: auto or load a {family.upper()} checkpoint")
-        align_text_encoder_dtypes(model)  # a host's encoders may mix precisions (Forge)
+        if isinstance(model, BaseModel):
+            align_text_encoder_dtypes(model)  # a host's encoders may mix precisions (Forge)
         return model
 
     # -- LoRA files ---------------------------------------------------------------------------------

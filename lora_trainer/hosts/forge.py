@@ -18,15 +18,17 @@ built-in LoRA extension), so this adapter is the A1111 one with the model side r
   never train Forge's modules: the engine builds diffusers modules on the same tensors.
 - Forge skips a LoRA whose keys it cannot match with only a console line, so `preview` checks that the
   file really was applied (Forge's patchers list the files they patched with) and says so if not.
+- FLUX.1 (Forge's `Flux` engine) is handed to the trainer as a ready FluxModel: hosts/forge_flux.py.
 """
 from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .a1111 import LOCK_WAIT_S, A1111Host, live_to_ldm_state_dict
+from ..config import ConfigError, TrainConfig
 from .base import CheckpointInfo, HostError, LoadedCheckpoint
 
 _QUANTIZED = ("float8", "nf4", "fp4", "gguf")
@@ -79,6 +81,8 @@ def make_trainable(*modules) -> int:
     memory grows by at most the largest tensor."""
     import torch
 
+    from ..models.low_precision import is_4bit
+
     if torch.is_inference_mode_enabled():
         raise HostError("make_trainable was called under torch.inference_mode()")
     swapped: dict[int, torch.Tensor] = {}  # a tensor registered twice (Forge's TI wrapper) stays one tensor
@@ -92,8 +96,8 @@ def make_trainable(*modules) -> int:
                         if id(tensor) in swapped:
                             store[name] = swapped[id(tensor)]
                             continue
-                        if not tensor.is_inference():
-                            continue
+                        if not tensor.is_inference() or hasattr(tensor, "bnb_quantized") or is_4bit(tensor):
+                            continue  # packed 4-bit data would lose its quant state (it is dequantized per call)
                         fresh = tensor.clone()
                         if isinstance(tensor, torch.nn.Parameter):
                             fresh = torch.nn.Parameter(fresh, requires_grad=False)
@@ -176,15 +180,25 @@ class ForgeHost(A1111Host):
         family, problem = self._family(sd_model)
         if problem:
             return CheckpointInfo(family, title, path, digest, supported=False, message=problem)
+        if family == "flux":
+            from .forge_flux import storage_name
+
+            storage = storage_name(self._unet(sd_model))
+            return CheckpointInfo(family, title, path, digest, supported=True,
+                                  message=f"transformer held by Forge in {storage}" if storage else "")
         v = self._v_prediction(sd_model)
         return CheckpointInfo(family, title, path, digest, supported=True, message="v-prediction" if v else "")
 
     @staticmethod
     def _family(sd_model) -> tuple[Optional[str], Optional[str]]:
         kind = type(sd_model).__name__
-        if kind in ("Flux", "Chroma", "StableDiffusion3") or getattr(sd_model, "is_sd3", False):
-            return None, (f"{kind} models cannot be trained here yet (SD1, SD2 and SDXL can): load an SD1, SD2 or "
-                          f"SDXL checkpoint in Forge.")
+        if kind == "Flux":
+            from .forge_flux import flux_problem
+
+            return "flux", flux_problem(sd_model.forge_objects_original.unet.model.diffusion_model)
+        if kind in ("Chroma", "StableDiffusion3") or getattr(sd_model, "is_sd3", False):
+            return None, (f"{kind} models cannot be trained here yet (SD1, SD2, SDXL and FLUX.1 can): load one of "
+                          f"those in Forge.")
         if kind == "StableDiffusionXLRefiner":
             return None, "the SDXL refiner cannot be trained here: load an SDXL base, SD1 or SD2 checkpoint."
         if getattr(sd_model, "is_sdxl", False):
@@ -225,12 +239,17 @@ class ForgeHost(A1111Host):
         path = getattr(info, "filename", None)
         return _read_yaml_beside(Path(path)) if path else None
 
-    def loaded_checkpoint(self) -> LoadedCheckpoint:
+    def loaded_checkpoint(self):
+        """SD families: the LoadedCheckpoint the loader builds on; FLUX.1: the ready FluxModel."""
         self._load()
         info = self.checkpoint_info()
         sd_model = self._sd_model()
         if sd_model is None or not info.supported:
             raise HostError(info.message)
+        if info.family == "flux":
+            from .forge_flux import forge_flux_model
+
+            return forge_flux_model(sd_model, info.title, info.path, info.hash, make_trainable, self._log)
         unet, encoders, vae = self._parts(sd_model)
         replaced = make_trainable(unet, vae, *encoders.values())
         if replaced:
@@ -242,6 +261,44 @@ class ForgeHost(A1111Host):
 
     def _device(self):
         return self._backend("memory_management").get_torch_device()
+
+    def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        cfg, notes = super().prepare_config(cfg)
+        sd_model = self._sd_model()
+        if sd_model is None or type(sd_model).__name__ != "Flux":
+            return cfg, notes
+        import torch
+
+        from .forge_flux import storage_name
+
+        self._check_flux_config(cfg)
+        changes = {}
+        storage = storage_name(self._unet(sd_model)) or "its precision"
+        if cfg.fp8_base:
+            changes["fp8_base"] = False
+            notes.append(f"fp8_base: the LoRA trains on the transformer as Forge holds it ({storage}); set 'Diffusion "
+                         f"in Low Bits' in Forge to choose that")
+        compute = getattr(self._unet(sd_model), "computation_dtype", None)
+        if cfg.mixed_precision == "no" and compute in (torch.float16, torch.bfloat16):
+            changes["mixed_precision"] = "fp16" if compute == torch.float16 else "bf16"
+            notes.append(f"Forge computes this FLUX.1 model in {str(compute).replace('torch.', '')}: training with "
+                         f"mixed_precision {changes['mixed_precision']} (the LoRA itself stays float32)")
+        return (cfg.replace(**changes) if changes else cfg), notes
+
+    @staticmethod
+    def _check_flux_config(cfg: TrainConfig) -> None:
+        if cfg.model_family not in ("auto", "flux"):
+            raise ConfigError(f"model_family is {cfg.model_family!r} but Forge has a FLUX.1 model loaded; set "
+                              f"model_family: auto or load a {cfg.model_family.upper()} checkpoint in Forge")
+        if cfg.train_text_encoder:
+            raise ConfigError("train_text_encoder: on Forge, FLUX.1's text encoders run in Forge's own layers and stay "
+                              "frozen; train the transformer only (train_text_encoder: false)")
+
+    def model_for(self, cfg: TrainConfig, log: Callable[[str], None] = print):
+        sd_model = self._sd_model()
+        if sd_model is not None and type(sd_model).__name__ == "Flux":
+            self._check_flux_config(cfg)
+        return super().model_for(cfg, log)
 
     @staticmethod
     def _unet(sd_model):

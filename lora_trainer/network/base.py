@@ -166,6 +166,11 @@ def create_network(model, cfg: TrainConfig):
         from .lora import LoraNetwork
 
         return LoraNetwork(model, cfg)
+    from ..models.low_precision import low_precision_layers
     from .lycoris import AdaptedNetwork
 
+    if low_precision_layers(model.unet):
+        raise ConfigError(f"network_type {cfg.network_type}{' (DoRA)' if cfg.use_dora else ''} needs the base "
+                          f"weights in full: this base is stored in fp8 / nf4. Train a plain LoRA (network_type: "
+                          f"lora, use_dora: false), or a bf16 / fp16 base (fp8_base: false)")
     return AdaptedNetwork(model, cfg)

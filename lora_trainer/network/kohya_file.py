@@ -88,6 +88,7 @@ def training_metadata(cfg: TrainConfig, model: BaseModel, *, session_id: str, st
         "ss_optimizer": cfg.optimizer,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": False,
+        "ss_fp8_base": str(getattr(model, "base_storage", "")).startswith("float8"),  # kohya's key
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_max_grad_norm": cfg.max_grad_norm,

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..models.low_precision import keep_adapters_fp32
 from .base import NetworkBase, _family_hint
 
 ADAPTER = "default"
@@ -43,6 +44,7 @@ class LoraNetwork(NetworkBase):
                 self.layers[t.kohya] = named[t.module]
             self._components[component] = module
         self._check_not_empty()
+        keep_adapters_fp32(self.layers.values())  # on an fp8 / nf4 base
         for p in self.parameters():
             p.requires_grad_(True)
 

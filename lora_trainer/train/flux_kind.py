@@ -22,7 +22,15 @@ class FluxKind:
         if cfg.min_snr_gamma:
             raise ConfigError("min_snr_gamma weights a DDPM schedule; FLUX.1 trains on a flow schedule: set "
                               "min_snr_gamma: 0 (timestep_sampling shapes which noise levels are trained)")
-        return load_flux(cfg.base_model, cfg.flux_components, dtype, log)
+        model = load_flux(cfg.base_model, cfg.flux_components, dtype, log)
+        if cfg.fp8_base:
+            from ..models.low_precision import to_fp8
+
+            count = to_fp8(model.transformer, torch.float8_e4m3fn)
+            model.compute_dtype, model.base_storage = dtype or torch.float32, "float8_e4m3fn"
+            log(f"fp8_base: {count} frozen transformer layers stored in float8_e4m3fn, computed in "
+                f"{str(model.compute_dtype).replace('torch.', '')}")
+        return model
 
     def configure(self, model, cfg) -> None:
         """T5 length: every caption and sample prompt is encoded to t5xxl_max_token_length tokens (the model's

@@ -68,8 +68,12 @@ class SDKind:
     card_versions = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
     def load(self, cfg, log, dtype: Optional[torch.dtype]):
+        from ..config import ConfigError
         from ..models.loader import load_base_model
 
+        if cfg.fp8_base:
+            raise ConfigError("fp8_base stores a FLUX.1 transformer in fp8; this is a Stable Diffusion model: set "
+                              "fp8_base: false (or train a FLUX.1 model)")
         return load_base_model(cfg.base_model, cfg.model_family, cfg.v_parameterization, cfg.vae, log_fn=log,
                                dtype=dtype)
 

@@ -129,7 +129,7 @@ class Trainer:
             model.vae.to(self.device, dtype=torch.float32)
             return autocast_dtype
         model.to(self.device)
-        host_dtype = next(model.unet.parameters()).dtype
+        host_dtype = getattr(model, "compute_dtype", None) or next(model.unet.parameters()).dtype
         if autocast_dtype is None and host_dtype in (torch.float16, torch.bfloat16):
             self.log(f"the base weights are {str(host_dtype).replace('torch.', '')}: training under autocast in that "
                      f"precision (LoRA weights stay fp32)")

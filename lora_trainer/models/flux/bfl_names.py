@@ -56,13 +56,13 @@ def block_modules(num_double: int, num_single: int) -> list[Fused]:
     return out
 
 
-def _all_modules(num_double: int, num_single: int, guidance: bool) -> list[Fused]:
+def all_linear_modules(num_double: int, num_single: int, guidance: bool) -> list[Fused]:
     glob = [Fused(b, ps) for b, ps in _GLOBAL if guidance or not b.startswith("guidance_in")]
     glob.append(Fused("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap_halves=True))
     return glob + block_modules(num_double, num_single)
 
 
-def _norms(num_double: int, num_single: int) -> list[tuple[str, str]]:
+def norm_params(num_double: int, num_single: int) -> list[tuple[str, str]]:
     out = [(f"double_blocks.{i}.{b}", f"transformer_blocks.{i}.{d}") for i in range(num_double) for b, d in _DOUBLE_NORMS]
     out += [(f"single_blocks.{i}.{b}", f"single_transformer_blocks.{i}.{d}") for i in range(num_single)
             for b, d in _SINGLE_NORMS]
@@ -96,11 +96,11 @@ def strip_prefix(sd: dict) -> dict:
 def diffusers_to_bfl(sd: dict, num_double: int, num_single: int, guidance: bool) -> dict:
     """diffusers transformer state dict -> BFL keys (fused projections concatenated)."""
     out = {}
-    for m in _all_modules(num_double, num_single, guidance):
+    for m in all_linear_modules(num_double, num_single, guidance):
         for suffix in ("weight", "bias"):
             t = torch.cat([sd[f"{p}.{suffix}"] for p in m.parts], dim=0)
             out[f"{m.bfl}.{suffix}"] = _swap(t) if m.swap_halves else t
-    for bfl, diff in _norms(num_double, num_single):
+    for bfl, diff in norm_params(num_double, num_single):
         out[bfl] = sd[diff]
     return out
 
@@ -111,13 +111,13 @@ def bfl_to_diffusers(sd: dict, part_sizes: dict[str, int]) -> dict:
     sd = strip_prefix(sd)
     num_double, num_single, guidance = bfl_shape(sd)
     out = {}
-    for m in _all_modules(num_double, num_single, guidance):
+    for m in all_linear_modules(num_double, num_single, guidance):
         for suffix in ("weight", "bias"):
             t = sd.pop(f"{m.bfl}.{suffix}")
             t = _swap(t) if m.swap_halves else t
             for p, piece in zip(m.parts, torch.split(t, [part_sizes[p] for p in m.parts], dim=0)):
                 out[f"{p}.{suffix}"] = piece
-    for bfl, diff in _norms(num_double, num_single):
+    for bfl, diff in norm_params(num_double, num_single):
         out[diff] = sd.pop(bfl)
     if sd:
         raise ValueError(f"{len(sd)} keys of the FLUX.1 checkpoint are not part of the transformer's layout "

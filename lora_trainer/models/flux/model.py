@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..base import BaseModel
+from ..low_precision import float_dtype
 
 FAMILY = "flux"
 # T5 tokens per prompt that BFL's pipelines use by default (diffusers' FluxPipeline: 512; schnell: 256)
@@ -31,6 +32,9 @@ class FluxModel:
     t5_max_length: Optional[int] = None  # None: T5_MAX_LENGTH of the variant
     family: str = FAMILY
     model_hash: Optional[str] = None
+    # what the transformer computes in when its weights are stored lower (fp8, nf4); None: its weights' dtype
+    compute_dtype: Optional[torch.dtype] = None
+    base_storage: str = ""  # how the frozen transformer is stored when not as computed: float8_e4m3fn, nf4, ...
 
     @property
     def variant(self) -> str:
@@ -95,5 +99,5 @@ def encode_flux_prompts(model: FluxModel, texts: list[str], max_length: Optional
     length = max_length or model.t5_length
     ids = t5_tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     seq = t5(ids.to(t5.device), output_hidden_states=False)[0]
-    dtype = next(model.transformer.parameters()).dtype
+    dtype = model.compute_dtype or float_dtype(model.transformer)
     return seq.to(dtype), pooled.to(dtype)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from ..low_precision import float_dtype
+
 TIMESTEP_SAMPLING = ("uniform", "sigmoid", "shift", "flux_shift")
 
 
@@ -102,7 +104,7 @@ def predict(transformer, latents: torch.Tensor, noise: torch.Tensor, sigmas: tor
             pooled: torch.Tensor, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, target), both [B, C, H, W], for latents x0 [B, C, H, W] (already shifted and scaled)."""
     b, _, h, w = latents.shape
-    dtype = next(transformer.parameters()).dtype
+    dtype = float_dtype(transformer)  # not the fp8 / nf4 storage of a low-precision base
     device = latents.device
     x = pack_latents(noisy_latents(latents, noise, sigmas)).to(dtype)
     kwargs = {}
