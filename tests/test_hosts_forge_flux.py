@@ -340,3 +340,20 @@ def test_a_job_trains_a_kohya_flux_lora_on_forges_model_and_leaves_it_as_it_was(
         assert after[k][0] == dtype and torch.equal(after[k][1].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), k
     assert not any("lora" in n for root in _forge_roots(sd_model) for n, _ in root.named_modules())
     assert forge.gpu_loads and not forge.lock.held
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp8"])
+def test_the_tab_estimates_memory_on_forges_flux(forge, storage):
+    """The tab's Memory line on Forge's loaded Flux: Forge's weights count as resident, in the precision Forge
+    stores them (fp8 is 1 byte a weight); the run adds its LoRA, optimizer and activations."""
+    from lora_trainer.train.memory_plan import plan_memory
+
+    forge.set_model(fake_forge_flux(storage)[0])
+    host = ForgeHost(log=quiet)
+    cfg, _ = host.prepare_config(base_config(train_text_encoder=False, resolution=64, max_bucket_reso=64))
+    checkpoint = host.loaded_checkpoint()
+    plan = plan_memory(checkpoint, cfg, torch.device("cpu"), resident=True)
+    e = plan.estimate
+    stored = sum(p.numel() * p.element_size() for p in checkpoint.transformer.parameters())
+    assert e.resident and e.weights >= stored and e.trainable > 0 and e.activations > 0
+    assert e.extra == e.peak - e.weights and "loaded already" in plan.describe()

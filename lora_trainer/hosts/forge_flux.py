@@ -73,6 +73,13 @@ class ForgeClipL(ForgeTextEncoder):
     def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False):
         return self.forge(input_ids, output_hidden_states=output_hidden_states)
 
+    def meta_copy(self) -> torch.nn.Module:
+        """For the memory planner: a transformers CLIPTextModel of this config on the meta device."""
+        from transformers import CLIPTextModel
+
+        with torch.device("meta"):
+            return CLIPTextModel(self.config).to(self.dtype)
+
 
 class ForgeT5(ForgeTextEncoder):
     """Forge's T5 (backend/nn/t5.py): token embedding in fp32 (Forge's T5 engine turns `shared` into fp32 before
@@ -82,6 +89,11 @@ class ForgeT5(ForgeTextEncoder):
         t5 = self.forge
         x = torch.nn.functional.embedding(input_ids, t5.shared.weight).float()
         return (t5.encoder(torch.nan_to_num(x)),)
+
+    def meta_copy(self) -> torch.nn.Module:
+        """For the memory planner: nothing to trace (T5 runs without gradients, before the transformer) and
+        nothing to count (its weights are Forge's, resident like this wrapper's zero parameters say)."""
+        return torch.nn.Module()
 
 
 def vae_from_forge(first_stage_model):

@@ -55,7 +55,16 @@ def _meta_flux(source):
     with torch.device("meta"):
         transformer = type(source.transformer).from_config(source.transformer.config)
         vae = type(source.vae).from_config(source.vae.config)
-        encoders = [type(te)(te.config) for te in source.text_encoders]
-    for meta, real in zip([transformer, vae, *encoders], [source.transformer, source.vae, *source.text_encoders]):
+    for meta, real in zip([transformer, vae], [source.transformer, source.vae]):
         meta.to(_dtype_of(real))
+    encoders = [_meta_text_encoder(te) for te in source.text_encoders]
     return dataclasses.replace(source, transformer=transformer, vae=vae, text_encoders=encoders)
+
+
+def _meta_text_encoder(te: torch.nn.Module) -> torch.nn.Module:
+    """A transformers text encoder rebuilt from its config; a host's wrapper gives its own stand-in (meta_copy)."""
+    if hasattr(te, "meta_copy"):
+        return te.meta_copy()
+    with torch.device("meta"):
+        meta = type(te)(te.config)
+    return meta.to(_dtype_of(te))
