@@ -137,10 +137,11 @@ def test_cli_ui_serves_the_tab_and_trains_over_http(tiny_files, tmp_path):
         assert json.loads(get(PREFIX + f"/events?since={events['next']}"))["events"] == []
     finally:
         proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
+        asked = time.time()
+        try:  # generous: on a loaded 2-core machine Gradio 3's server has taken more than a minute to close
+            out, _ = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, f"{out}\n(killed {time.time() - asked:.0f} s after Ctrl-C)"
     assert "Train LoRA: http://" in out
