@@ -58,13 +58,20 @@ IGNORED = {
     "gpu_ids": "pick the device with device: cuda:N",
     "highvram": "the whole model stays on the device while training",
     "vae_batch_size": "latents are encoded in batches per bucket",
+    "model_prediction_type": "FLUX.1 trains on the raw velocity (kohya's model_prediction_type raw)",
+    "apply_t5_attn_mask": "T5 runs without an attention mask, as FluxPipeline encodes",
 }
 
 # keys whose effect we cannot give: an error, with what to use instead
 UNSUPPORTED = {
     "full_fp16": "full fp16 training is not supported; use mixed_precision: fp16 (LoRA weights stay fp32)",
     "full_bf16": "full bf16 training is not supported; use mixed_precision: bf16 (LoRA weights stay fp32)",
-    "fp8_base": "fp8 base weights are not supported for SD models yet; use mixed_precision: fp16/bf16",
+    "fp8_base_unet": "use fp8_base (the FLUX.1 transformer in fp8; the text encoders are frozen and released)",
+    "blocks_to_swap": "blocks are not swapped to the CPU here; use fp8_base and a lower resolution (README: FLUX.1 "
+                      "memory)",
+    "ae": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",
+    "clip_l": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",
+    "t5xxl": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",
     "save_n_epoch_ratio": "use save_every_n_epochs",
     "multires_noise_iterations": "use noise_offset",
     "multires_noise_discount": "use noise_offset",
@@ -124,7 +131,7 @@ def translate(flat: dict, source: str, base_dir: Path) -> tuple[dict, list[str]]
             if value not in (False, None, "", 0):  # switched off, it asks for nothing we lack
                 errors.append(f"{key}: {UNSUPPORTED[key]}")
         elif key == "network_module":
-            if str(value) not in ("networks.lora", "networks.dylora", "lycoris.kohya", ""):
+            if str(value) not in ("networks.lora", "networks.lora_flux", "networks.dylora", "lycoris.kohya", ""):
                 errors.append(f"network_module {value!r}: kohya's networks.lora (LoRA, LoCon with conv_dim in "
                               f"network_args, DoRA with dora_wd=True) and lycoris.kohya (algo=lora, locon, loha, "
                               f"lokr) are trained here")
