@@ -58,6 +58,19 @@ def test_no_base_model_says_what_to_do(tmp_path):
     assert not info.supported and "does not exist" in info.message
 
 
+def test_a_flux_model_is_pointed_to_the_cli_and_forge(tmp_path, tiny_files):
+    """The standalone server's tab trains SD families; a FLUX.1 base model gets where to train it, not a loader
+    error about a missing unet/ folder, as the server's model and as a run's base_model alike."""
+    from lora_trainer.models.flux import tiny
+
+    flux = tiny.write_tiny_flux_folder(tmp_path / "tiny-flux")
+    info = StandaloneHost(str(flux), tmp_path / "loras", log=quiet).checkpoint_info()
+    assert not info.supported and "FLUX.1" in info.message and "Forge" in info.message and "unet" not in info.message
+    host = StandaloneHost(str(tiny_files["sd1"]), tmp_path / "loras", log=quiet)
+    with pytest.raises(HostError, match="is a FLUX.1 model: train it with the CLI"):
+        host.model_for(base_config(base_model=str(flux)), log=quiet)
+
+
 def test_gpu_is_exclusive(tiny_files, tmp_path):
     host = StandaloneHost(str(tiny_files["sd1"]), tmp_path / "loras", log=quiet)
     with host.exclusive_gpu():

@@ -65,6 +65,7 @@ class StandaloneHost(Host):
             if not self._base_path:
                 raise HostError("no base model: start the UI with --base_model PATH (a .safetensors/.ckpt "
                                 "checkpoint or a diffusers folder), or enter a path in Base model")
+            _refuse_flux(self._base_path)
             try:
                 model = load_base_model(self._base_path, log_fn=self._log)
             except ModelLoadError as e:
@@ -113,6 +114,7 @@ class StandaloneHost(Host):
         from ..models.base import align_text_encoder_dtypes
         from ..models.loader import ModelLoadError, load_base_model
 
+        _refuse_flux(wanted)
         try:
             model = load_base_model(wanted, cfg.model_family, cfg.v_parameterization, cfg.vae, log_fn=log)
         except ModelLoadError as e:
@@ -326,3 +328,13 @@ def _norm(path: str) -> str:
         return str(Path(path).expanduser().resolve())
     except (OSError, RuntimeError):
         return str(path)
+
+
+def _refuse_flux(path) -> None:
+    """This tab's own server trains the SD families; FLUX.1 trains from the CLI and in Forge's tab."""
+    from ..models.flux.loader import detect_flux
+
+    if detect_flux(Path(str(path)).expanduser()):
+        raise HostError(f"{Path(str(path)).name} is a FLUX.1 model: train it with the CLI (python -m lora_trainer "
+                        f"train with base_model set to it) or in Forge's Train LoRA tab; this server's tab trains "
+                        f"SD1, SD2 and SDXL")
