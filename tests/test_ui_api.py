@@ -138,10 +138,35 @@ def test_cli_ui_serves_the_tab_and_trains_over_http(tiny_files, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         asked = time.time()
-        try:  # generous: on a loaded 2-core machine Gradio 3's server has taken more than a minute to close
+        try:  # the server bounds its own close (30 s, then its threads' stacks and exit)
             out, _ = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode == 0, f"{out}\n(killed {time.time() - asked:.0f} s after Ctrl-C)"
+    assert "closing the server ..." in out and "did not close" not in out, out
     assert "Train LoRA: http://" in out
+
+
+def test_the_servers_shutdown_is_bounded_and_shows_what_hung(capfd):
+    """After Ctrl-C the standalone server closes Gradio's server in a bounded time: one that never closes gets
+    its threads' stacks printed (the console says what hung) and the process ends anyway."""
+    import threading
+
+    from lora_trainer.ui.standalone import shut_down
+
+    release = threading.Event()
+
+    class NeverCloses:
+        def close(self):
+            release.wait(60)
+
+    started = time.time()
+    try:
+        shut_down(NeverCloses(), close_timeout_s=1)
+    finally:
+        release.set()
+    assert time.time() - started < 15
+    out, err = capfd.readouterr()
+    assert "closing the server ..." in out and "did not close within 1 s; exiting anyway" in out
+    assert "in close" in err  # faulthandler's stack of the stuck thread

@@ -9,6 +9,8 @@ page and the API.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -86,17 +88,42 @@ def serve(args) -> int:
     print(f"base model: {info.describe()}")
     print(f"LoRA folder: {host.lora_dir()}  runs: {host.work_dir()}")
     demo, _app, url = launch(host, getattr(args, "port", 7861), listen, api_auth=api_auth)
-    print(f"Train LoRA: {url}  (API: {url.rstrip('/')}/lora-trainer/v1/status)  Ctrl-C stops the server")
+    print(f"Train LoRA: {url}  (API: {url.rstrip('/')}/lora-trainer/v1/status)  Ctrl-C stops the server", flush=True)
     try:
-        demo.block_thread()
+        while True:  # our own wait (not Gradio's block_thread): the shutdown below is ours, with bounds
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        from .jobs import default_runner
+        shut_down(demo)
+    # Everything is saved and the server is closed; a thread that still lingers (Gradio's, a library's) must not
+    # keep the process alive after Ctrl-C.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
-        runner = default_runner()
-        if runner.stop("the server is shutting down: saving a resumable checkpoint"):
-            print("saving a checkpoint of the running job before exiting ...")
-        # also a finished job's thread may still render its LoRA card's picture: exiting under it aborts the process
-        runner.wait(600)
-    return 0
+
+def shut_down(demo, close_timeout_s: float = 30.0) -> None:
+    """After Ctrl-C: a running job saves a resumable checkpoint (it may take minutes), then the server closes.
+    A close that does not end within close_timeout_s prints every thread's stack (the console shows what hung)
+    and is left behind."""
+    import faulthandler
+    import threading
+
+    from .jobs import default_runner
+
+    runner = default_runner()
+    if runner.stop("the server is shutting down: saving a resumable checkpoint"):
+        print("saving a checkpoint of the running job before exiting ...", flush=True)
+    else:  # nothing to save: a wait of a minute means something hangs; the console gets every thread's stack
+        faulthandler.dump_traceback_later(60)
+    # also a finished job's thread may still render its LoRA card's picture: exiting under it aborts the process
+    runner.wait(600)
+    faulthandler.cancel_dump_traceback_later()
+    print("closing the server ...", flush=True)
+    closer = threading.Thread(target=demo.close, name="close-server", daemon=True)
+    closer.start()
+    closer.join(close_timeout_s)
+    if closer.is_alive():
+        print(f"the server did not close within {close_timeout_s:.0f} s; exiting anyway. Its threads:", flush=True)
+        faulthandler.dump_traceback(all_threads=True)
