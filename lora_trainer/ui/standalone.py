@@ -9,6 +9,7 @@ page and the API.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,9 @@ def serve(args) -> int:
     print(f"LoRA folder: {host.lora_dir()}  runs: {host.work_dir()}")
     demo, _app, url = launch(host, getattr(args, "port", 7861), listen, api_auth=api_auth)
     print(f"Train LoRA: {url}  (API: {url.rstrip('/')}/lora-trainer/v1/status)  Ctrl-C stops the server", flush=True)
+    # Ctrl-C stops the server even when it was started with SIGINT ignored (a background job of a script), as the
+    # train command's own handler does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:  # our own wait (not Gradio's block_thread): the shutdown below is ours, with bounds
             time.sleep(0.5)
