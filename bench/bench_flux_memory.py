@@ -41,12 +41,10 @@ def main() -> None:
     for res, fp8, gc in itertools.product((512, 1024), (False, True), (False, True)):
         cfg = TrainConfig(model_family="flux", resolution=res, batch_size=1, lora_rank=args.rank, lora_alpha=args.rank,
                           mixed_precision="bf16", optimizer=args.optimizer, gradient_checkpointing=gc,
-                          cache_latents=True)
-        object.__setattr__(cfg, "fp8_base", fp8)  # read with getattr: works before the config has the key
+                          cache_latents=True, fp8_base=fp8)
         started = time.perf_counter()
         e = estimate_memory(model, cfg, "cuda", resident=False)
         kept = cfg.replace(shuffle_caption=True)
-        object.__setattr__(kept, "fp8_base", fp8)
         k = estimate_memory(model, kept, "cuda", resident=False)
         g = lambda n: f"{n / GiB:.1f}"  # noqa: E731
         print(f"{res:>5} {'fp8' if fp8 else 'bf16':>5} {'yes' if gc else 'no':>4} | {g(e.weights):>8} "

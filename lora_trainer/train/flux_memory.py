@@ -41,7 +41,7 @@ def flux_weights(model, cfg: TrainConfig, resident: bool = False) -> tuple[int, 
     traced in bf16 as it runs. Released text encoders are not counted: they encode before the transformer comes."""
     transformer = model.transformer
     stored_fp8 = next(transformer.parameters()).element_size() == 1  # a host's float8 weights
-    if getattr(cfg, "fp8_base", False) or stored_fp8:
+    if cfg.fp8_base or stored_fp8:
         denoiser = sum(p.numel() for p in transformer.parameters())
     else:
         denoiser = _nbytes(transformer)

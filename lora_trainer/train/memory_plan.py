@@ -418,7 +418,7 @@ FIXES: list[tuple[str, Callable[[TrainConfig], Optional[TrainConfig]]]] = [
     ("turn on gradient checkpointing (slower steps, same result)",
      lambda c: None if c.gradient_checkpointing else c.replace(gradient_checkpointing=True)),
     ("store the frozen transformer in fp8 (fp8_base: true; FLUX.1, about half its bf16 size)",
-     lambda c: c.replace(fp8_base=True) if getattr(c, "fp8_base", True) is False else None),
+     lambda c: None if c.fp8_base else c.replace(fp8_base=True)),
     ("cache latents (the VAE then runs once per image, before training)",
      lambda c: None if c.cache_latents else c.replace(cache_latents=True)),
     ("use 8-bit AdamW (needs bitsandbytes)",

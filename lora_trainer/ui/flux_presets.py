@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import field_names
 
 STEPS = {"style": 2000, "character": 1500, "concept": 1000}
 
@@ -40,6 +39,4 @@ def flux_preset(tier: str, goal: str) -> dict[str, Any]:
         sample_cfg_scale=3.5, sample_steps=20)
     values.update(TIERS[tier])
     values.update(bucket_range(values["resolution"]))
-    if "fp8_base" not in field_names():  # a version without fp8 storage: bf16 weights (the planner says if it fits)
-        values.pop("fp8_base")
     return values
