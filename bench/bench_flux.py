@@ -4,6 +4,7 @@
     python bench/bench_flux.py --quick     # the tiny Flux only (a minute)
     python bench/bench_flux.py --gpu       # also flux-wide at 512 and 1024 px in bf16 on CUDA
     python bench/bench_flux.py --variant flux-wide:512:1:bf16:cpu   # any MODEL:RES:BATCH:PRECISION:DEVICE as well
+    python bench/bench_flux.py --gpu --base fp8 --blocks 2:4 --swap 2   # fp8, 1 double + 2 single blocks streamed
 
 Models are built in code with random weights (nothing is downloaded):
   tiny-flux  lora_trainer.models.flux.tiny: 1 double + 1 single block, 2 heads x 32, text width 32.
@@ -45,6 +46,8 @@ import bench_train  # noqa: E402  (the shared harness)
 from bench_train import SEED, Variant, add_reference_lora, reference_dtype, reference_loop, vae_latents  # noqa: E402
 
 T5_TOKENS_ENV = "BENCH_FLUX_T5_TOKENS"
+BLOCKS_ENV = "BENCH_FLUX_BLOCKS"  # "<double>:<single>" blocks of flux-wide
+STORAGE_ENV = "BENCH_FLUX_STORAGE"  # "<fp8|nf4|as-built>:<blocks_to_swap>": the frozen transformer of both loops
 
 
 def build_model(name: str):
@@ -59,8 +62,9 @@ def build_model(name: str):
     elif name == "flux-wide":
         from transformers import T5Config, T5EncoderModel
 
-        parts = tiny_flux_components(SEED, num_double=1, num_single=1, heads=24, head_dim=128, text_dim=4096,
-                                     pooled_dim=768)
+        double, _, single = os.environ.get(BLOCKS_ENV, "1:1").partition(":")
+        parts = tiny_flux_components(SEED, num_double=int(double), num_single=int(single), heads=24, head_dim=128,
+                                     text_dim=4096, pooled_dim=768)
         parts["text_encoder"] = bench_train._clip(768, False, False, SEED + 2, layers=1)  # pooled: CLIP-L's width
         torch.manual_seed(SEED + 3)
         parts["text_encoder_2"] = T5EncoderModel(T5Config(  # sequence: T5-XXL's width, one narrow layer
@@ -75,6 +79,16 @@ def build_model(name: str):
                       name=f"random-{name}", source="state-dict",
                       t5_max_length=int(os.environ.get(T5_TOKENS_ENV, "512")))
     model.freeze()
+    storage, _, swap = os.environ.get(STORAGE_ENV, "as-built:0").partition(":")
+    if storage != "as-built" or int(swap):
+        # the trainer's own storage step (fp8_base / nf4_base / blocks_to_swap), applied to the model both loops
+        # train on: the ratio is then the loops' on that base, and the runs against --base as-built the cost of it
+        from lora_trainer.config import from_dict
+        from lora_trainer.train.flux_kind import store_frozen_transformer
+
+        cfg = from_dict({"fp8_base": storage == "fp8", "nf4_base": storage == "nf4", "blocks_to_swap": int(swap)})
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+        store_frozen_transformer(model, cfg, torch.float32, device, lambda msg: print(msg, file=sys.stderr))
     return model
 
 
@@ -153,6 +167,12 @@ def main() -> None:
                                     "flux-wide CPU", "40 tiny, 3 flux-wide, 20 GPU", "5 tiny, 1 flux-wide, 3 GPU",
                                     "tiny-flux:128:1:bf16:cpu or flux-wide:1024:1:bf16:cuda")
     parser.add_argument("--t5-tokens", type=int, default=512, help="T5 sequence length of the captions (as dev's)")
+    parser.add_argument("--base", default="as-built", choices=["as-built", "fp8", "nf4"],
+                        help="store the frozen transformer in fp8 / nf4 (fp8_base / nf4_base) in both loops")
+    parser.add_argument("--swap", type=int, default=0,
+                        help="blocks_to_swap in both loops (kohya's count: N // 2 double, (N - N // 2) * 2 single "
+                             "blocks; e.g. --swap 2 --blocks 2:4)")
+    parser.add_argument("--blocks", default="1:1", help="flux-wide's double:single blocks (default 1:1)")
     args = parser.parse_args()
 
     if args._worker:
@@ -160,6 +180,10 @@ def main() -> None:
                            reference=run_reference)
         return
     os.environ[T5_TOKENS_ENV] = str(args.t5_tokens)  # the workers' caption length
+    os.environ[STORAGE_ENV] = f"{args.base}:{args.swap}"
+    os.environ[BLOCKS_ENV] = args.blocks
+    if args.base != "as-built" or args.swap:
+        print(f"frozen transformer: {args.base}, blocks_to_swap {args.swap} (both loops)")
     print(f"T5 tokens per caption: {args.t5_tokens}")
     bench_train.compare(variants(args), args, script=Path(__file__), per_step=True)
 

@@ -11,8 +11,10 @@ the GPU (shuffled captions, a trained CLIP). What sd-scripts users report, for c
     (the note on kohya's own example Flux LoRA, which advises adding --fp8_base);
   - 24 GB cards: fp8_base + gradient checkpointing at 1024 px;
   - 16 GB: fp8_base + gradient checkpointing + 512 px + 8-bit AdamW;
-  - 12 GB and below: fp8_base plus moving transformer blocks off the GPU (split_mode, later blocks_to_swap),
-    which this trainer does not do.
+  - 12 GB and below: fp8_base plus transformer blocks kept off the GPU (split_mode, later blocks_to_swap);
+  - SimpleTuner: an nf4 base from about 9 GB.
+The second table is the small-GPU one: gradient checkpointing, frozen text encoders, the transformer in fp8 or
+nf4 (nf4_base) with 0-30 blocks' weights in CPU memory (blocks_to_swap, kohya's count).
 """
 from __future__ import annotations
 
@@ -50,6 +52,19 @@ def main() -> None:
         print(f"{res:>5} {'fp8' if fp8 else 'bf16':>5} {'yes' if gc else 'no':>4} | {g(e.weights):>8} "
               f"{g(e.trainable):>8} {g(e.activations + e.workspace):>7} | {g(e.peak):>9} {g(k.peak):>7}  "
               f"({time.perf_counter() - started:.1f} s)", flush=True)
+
+    swaps = (0, 8, 16, 24, 30)
+    print(f"\nsmall GPUs: peak GiB with gradient checkpointing, frozen text encoders, by blocks_to_swap")
+    print(f"{'res':>5} {'base':>5} | " + " ".join(f"{n:>6}" for n in swaps))
+    for res, storage in itertools.product((512, 1024), ("fp8", "nf4")):
+        peaks = []
+        for n in swaps:
+            cfg = TrainConfig(model_family="flux", resolution=res, batch_size=1, lora_rank=args.rank,
+                              lora_alpha=args.rank, mixed_precision="bf16", optimizer=args.optimizer,
+                              gradient_checkpointing=True, cache_latents=True, fp8_base=storage == "fp8",
+                              nf4_base=storage == "nf4", blocks_to_swap=n)
+            peaks.append(estimate_memory(model, cfg, "cuda", resident=False).peak / GiB)
+        print(f"{res:>5} {storage:>5} | " + " ".join(f"{v:>6.1f}" for v in peaks), flush=True)
 
 
 if __name__ == "__main__":

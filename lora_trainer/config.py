@@ -66,6 +66,13 @@ class TrainConfig:
                                                  max=512)
     fp8_base: bool = _opt(False, "FLUX.1: keep the frozen transformer in float8_e4m3fn (half of bf16's memory), each "
                           "layer cast to the compute precision when it runs; the LoRA itself stays fp32")
+    nf4_base: bool = _opt(False, "FLUX.1: keep the frozen transformer in 4-bit nf4 (bitsandbytes, QLoRA's storage: "
+                          "about a quarter of bf16's memory, a little less faithful than fp8), dequantized layer by "
+                          "layer as it runs; the LoRA itself stays fp32. Needs bitsandbytes")
+    blocks_to_swap: int = _opt(0, "FLUX.1: keep the frozen weights of this many transformer blocks in CPU memory and "
+                               "copy them to the GPU layer by layer as they run (kohya's meaning: N // 2 double and "
+                               "(N - N // 2) * 2 single blocks, the last ones): less GPU memory, slower steps",
+                               min=0, max=38)
     clip_skip: int = _opt(1, "use the output of the N-th last text-encoder layer (2 for anime-style SD1 models)",
                           min=1, max=12)
 
@@ -253,12 +260,15 @@ class TrainConfig:
             raise ConfigError(f"bucket_reso_steps: {self.bucket_reso_steps} must be a multiple of 8")
         if self.output_name is not None:
             check_output_name(self.output_name)
+        if self.fp8_base and self.nf4_base:
+            raise ConfigError("fp8_base and nf4_base are both true: choose one storage for the frozen transformer "
+                              "(fp8 is closer to bf16, nf4 is half its size)")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are both true: choose one (4 bits is QLoRA)")
         if (self.load_in_4bit or self.load_in_8bit) and self.task_type != "text-generation":
             raise ConfigError(f"load_in_{4 if self.load_in_4bit else 8}bit is for task_type: text-generation (the "
-                              f"image trainer does not quantize its base model to 4/8-bit integers; for FLUX.1, "
-                              f"fp8_base: true keeps the transformer in fp8)")
+                              f"image trainer's keys for FLUX.1 are nf4_base: true, the transformer in 4-bit nf4, "
+                              f"and fp8_base: true, in fp8)")
         if not self.train_unet and not self.train_text_encoder and self.task_type == "text-to-image":
             raise ConfigError("train_unet and train_text_encoder are both false: there is nothing to train")
 

@@ -67,8 +67,6 @@ UNSUPPORTED = {
     "full_fp16": "full fp16 training is not supported; use mixed_precision: fp16 (LoRA weights stay fp32)",
     "full_bf16": "full bf16 training is not supported; use mixed_precision: bf16 (LoRA weights stay fp32)",
     "fp8_base_unet": "use fp8_base (the FLUX.1 transformer in fp8; the text encoders are frozen and released)",
-    "blocks_to_swap": "blocks are not swapped to the CPU here; use fp8_base and a lower resolution (README: FLUX.1 "
-                      "memory)",
     "ae": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",
     "clip_l": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",
     "t5xxl": "give FLUX.1's VAE, text encoders and tokenizers as a diffusers-layout folder in flux_components",

@@ -156,20 +156,20 @@ def test_cli_reads_toml_and_dumps_the_effective_config(tmp_path, capsys):
 
 def test_a_kohya_flux_config_imports_its_flux_keys_and_names_what_it_cannot(tmp_path):
     """flux_train_network.py's keys: fp8_base, t5xxl_max_token_length, guidance and timestep settings carry
-    over; separate ae / clip_l / t5xxl files and blocks_to_swap are named with what to do instead."""
+    over, blocks_to_swap with kohya's meaning; separate ae / clip_l / t5xxl files are named with what to do
+    instead."""
     (tmp_path / "images").mkdir()
     path = tmp_path / "flux.toml"
     flux = ('pretrained_model_name_or_path = "flux1-dev.safetensors"\ntrain_data_dir = "images"\n'
             'network_module = "networks.lora_flux"\nnetwork_dim = 16\nfp8_base = true\n'
             't5xxl_max_token_length = 256\nguidance_scale = 1.0\ntimestep_sampling = "shift"\n'
-            'discrete_flow_shift = 3.1582\nmodel_prediction_type = "raw"\n')
+            'discrete_flow_shift = 3.1582\nmodel_prediction_type = "raw"\nblocks_to_swap = 18\n')
     path.write_text(flux)
     cfg, notes = load_toml_config(path)
-    assert cfg.fp8_base and cfg.t5xxl_max_token_length == 256 and cfg.lora_rank == 16
+    assert cfg.fp8_base and cfg.t5xxl_max_token_length == 256 and cfg.lora_rank == 16 and cfg.blocks_to_swap == 18
     assert cfg.timestep_sampling == "shift" and cfg.discrete_flow_shift == pytest.approx(3.1582)
     assert any(n.startswith("model_prediction_type ignored") for n in notes)
-    path.write_text(flux + 'ae = "ae.safetensors"\nblocks_to_swap = 18\n')
+    path.write_text(flux + 'ae = "ae.safetensors"\n')
     with pytest.raises(ConfigError) as info:
         load_toml_config(path)
     assert "ae: give FLUX.1's VAE" in str(info.value) and "flux_components" in str(info.value)
-    assert "blocks_to_swap" in str(info.value) and "fp8_base" in str(info.value)

@@ -81,8 +81,8 @@ def test_fp8_base_is_refused_for_stable_diffusion(tmp_path):
         SDKind().load(base_config(base_model=str(tmp_path / "sd.safetensors"), fp8_base=True), print, None)
 
 
-def test_nf4_in_the_cli_is_refused_with_the_fp8_alternative():
+def test_the_text_trainers_4bit_key_on_flux_names_the_image_trainers_keys():
     from lora_trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match="fp8_base: true"):
+    with pytest.raises(ConfigError, match="nf4_base: true, the transformer in 4-bit nf4, and fp8_base: true"):
         base_config(model_family="flux", load_in_4bit=True)

@@ -402,6 +402,10 @@ def test_prepare_config_follows_the_webui_dtype_and_device(webui, tmp_path):
     assert cfg.base_model.endswith("tiny-sd1.safetensors")
     with pytest.raises(ConfigError, match="text-generation"):
         host.prepare_config(base_config(task_type="text-generation"))
+    # FLUX.1's storage / swap keys are for the CLI's own load: off, and said, never silently ignored
+    cfg, notes = host.prepare_config(base_config(fp8_base=True, blocks_to_swap=8))
+    assert not cfg.fp8_base and cfg.blocks_to_swap == 0
+    assert {n.split(":")[0] for n in notes if "as the WebUI holds it" in n} == {"fp8_base", "blocks_to_swap"}
 
 
 def test_preview_uses_the_webui_pipeline_and_restores_its_state(webui, tmp_path):

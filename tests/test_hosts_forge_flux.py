@@ -23,7 +23,7 @@ from lora_trainer.models.flux import tiny
 from lora_trainer.models.flux.bfl_names import diffusers_to_bfl
 from lora_trainer.models.flux.loader import transformer_from_bfl
 from lora_trainer.models.flux.model import FluxModel, encode_flux_prompts
-from lora_trainer.models.low_precision import FrozenLowPrecisionLinear
+from lora_trainer.models.low_precision import FrozenLowPrecisionLinear, dequantize_nf4
 
 from conftest import base_config, make_images
 from test_hosts_a1111 import module_tree, webui  # noqa: F401  (webui is a fixture)
@@ -235,8 +235,7 @@ def test_nf4_transformer_holds_the_packed_weights_and_dequantizes_per_call(forge
     # q, k, v of a fused qkv: one packed tensor, three row ranges
     attn = model.transformer.transformer_blocks[0].attn
     assert attn.to_q.weight is attn.to_k.weight and attn.to_q.rows != attn.to_k.rows
-    with pytest.raises(RuntimeError, match="CUDA"):  # bitsandbytes dequantizes on CUDA only
-        _transformer_out(model.transformer, torch.bfloat16)
+    assert attn.to_q.dequantize is dequantize_nf4  # bitsandbytes' own (test_nf4_with_bitsandbytes_... runs it)
     # what the layers compute, with an unpacker for the stand-in bytes (bitsandbytes' part is the one left out)
     ours = transformer_from_live(forge_dm, torch.bfloat16, dequantize=unpack)
     reference = transformer_from_bfl({k: v.to(torch.float16).to(torch.bfloat16) for k, v in bfl_tensors(comps).items()})
@@ -244,18 +243,19 @@ def test_nf4_transformer_holds_the_packed_weights_and_dequantizes_per_call(forge
                           atol=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' nf4 needs a CUDA GPU")
-def test_nf4_with_bitsandbytes_on_cuda_matches_the_dequantized_model():
+def test_nf4_with_bitsandbytes_matches_the_dequantized_model():
+    """Real Params4bit weights (bitsandbytes >= 0.46 quantizes on the CPU; CUDA when there is one)."""
     bnb = pytest.importorskip("bitsandbytes")
     from lora_trainer.models.flux.live import transformer_from_live
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     comps = tiny.tiny_flux_components(0)
-    sd = {k: v.to(torch.bfloat16).cuda() for k, v in bfl_tensors(comps).items()}
+    sd = {k: v.to(torch.bfloat16).to(device) for k, v in bfl_tensors(comps).items()}
     root = module_tree(dict(sd))
     for name, m in root.named_modules():
         w = m._parameters.get("weight")
         if w is not None and w.dim() == 2:
-            m._parameters["weight"] = bnb.nn.Params4bit(w.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
+            m._parameters["weight"] = bnb.nn.Params4bit(w.data.cpu(), requires_grad=False, quant_type="nf4").to(device)
     ours = transformer_from_live(root, torch.bfloat16)
     deq = {k: v for k, v in sd.items()}
     for name, m in root.named_modules():
@@ -263,7 +263,7 @@ def test_nf4_with_bitsandbytes_on_cuda_matches_the_dequantized_model():
         if w is not None and hasattr(w, "quant_state"):
             deq[f"{name}.weight"] = bnb.functional.dequantize_4bit(w, quant_state=w.quant_state).to(torch.bfloat16)
     reference = transformer_from_bfl(deq)
-    kw = {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda()) if isinstance(v, torch.Tensor)
+    kw = {k: (v.to(device, torch.bfloat16) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor)
           else v for k, v in tiny.transformer_inputs(reference).items()}
     with torch.no_grad():
         assert torch.allclose(ours(**kw)[0].float(), reference(**kw)[0].float(), atol=2e-2)
@@ -303,6 +303,11 @@ def test_train_text_encoder_and_fp8_base_are_explained(forge):
     cfg, notes = host.prepare_config(base_config(fp8_base=True, train_text_encoder=False))
     assert not cfg.fp8_base and cfg.mixed_precision == "bf16"
     assert any("float8_e4m3fn" in n for n in notes) and any("bf16" in n for n in notes)
+    # nf4 storage and block swap are the CLI's own loading; on Forge its memory manager decides, and the tab says so
+    cfg, notes = host.prepare_config(base_config(nf4_base=True, blocks_to_swap=8, train_text_encoder=False))
+    assert not cfg.nf4_base and cfg.blocks_to_swap == 0
+    assert any(n.startswith("nf4_base") and "float8_e4m3fn" in n for n in notes)
+    assert any(n.startswith("blocks_to_swap") and "GPU Weights" in n for n in notes)
 
 
 # ---- a whole job in the tab's runner --------------------------------------------------------------------

@@ -131,20 +131,32 @@ def test_a_packed_fused_weight_is_dequantized_then_cut_into_its_parts():
     assert x.grad is not None
 
 
-def test_nf4_off_cuda_says_what_to_do():
-    weight = _packed(torch.randn(4, 4))
-    with pytest.raises(RuntimeError, match="CUDA"):
-        dequantize_nf4(weight)
+def test_nf4_without_bitsandbytes_says_what_to_do(monkeypatch):
+    import sys
+
+    from lora_trainer.models.low_precision import quantize_nf4
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as when it is not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    for call in (lambda: dequantize_nf4(_packed(torch.randn(4, 4))), lambda: quantize_nf4(torch.randn(4, 4))):
+        with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
+            call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' nf4 needs a CUDA GPU")
-def test_nf4_layer_matches_its_dequantized_weight_on_cuda():
+def test_nf4_layer_computes_with_its_dequantized_weight_and_moves_packed():
+    """Real bitsandbytes nf4 (>= 0.46 quantizes on the CPU; on CUDA when there is one)."""
     bnb = pytest.importorskip("bitsandbytes")
-    ref = _linear().cuda().half()
-    packed = bnb.nn.Params4bit(ref.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
-    layer = FrozenLowPrecisionLinear(packed, ref.bias.data, 16, 12, rows=((0, 12),), dequantize=dequantize_nf4)
-    x = torch.randn(3, 16, device="cuda", dtype=torch.float16, requires_grad=True)
-    deq = bnb.functional.dequantize_4bit(packed, quant_state=packed.quant_state)
-    assert torch.allclose(layer(x), torch.nn.functional.linear(x, deq, ref.bias), atol=1e-2)
+    from lora_trainer.models.low_precision import nf4_linear
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = _linear().to(device, torch.bfloat16)
+    layer = nf4_linear(ref, device)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 16 * 12 // 2  # two weights a byte
+    deq = bnb.functional.dequantize_4bit(layer.weight, quant_state=layer.weight.quant_state)
+    assert deq.shape == ref.weight.shape and 0 < (deq - ref.weight).abs().max() < 0.5 * ref.weight.abs().max()
+    x = torch.randn(3, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, deq, ref.bias))
     layer(x).sum().backward()
-    assert x.grad is not None
+    assert x.grad is not None and not layer.weight.requires_grad
+    layer.to("meta")  # a move keeps the packed data packed (never dequantized into the module)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.device.type == "meta" and "nf4" in repr(layer)

@@ -33,6 +33,10 @@ PREVIEW_SUBDIR = "lora-trainer-previews"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
+# settings of how the trainer stores a FLUX.1 transformer it loads itself (their off values)
+OWN_LOAD_ONLY = {"fp8_base": False, "nf4_base": False, "blocks_to_swap": 0}
+
+
 class HostError(RuntimeError):
     """Something the host cannot do right now, with what to do about it."""
 
@@ -182,6 +186,11 @@ class Host(ABC):
             raise ConfigError("task_type: the Train LoRA tab trains Stable Diffusion LoRAs (text-to-image); train "
                               "text-generation LoRAs with `python -m lora_trainer train`")
         notes = []
+        own_load = {key: value for key, value in OWN_LOAD_ONLY.items() if getattr(cfg, key)}
+        if own_load:  # the host's model is trained as the host holds it
+            cfg = cfg.replace(**own_load)
+            notes.extend(f"{key}: the LoRA trains on the model as the WebUI holds it ({key} is for the command "
+                         f"line's own loading of a FLUX.1 model)" for key in own_load)
         if cfg.log_with == "tensorboard" and not _importable("tensorboard"):
             cfg = cfg.replace(log_with="none")
             notes.append("tensorboard is not installed here, so no TensorBoard log is written (the tab shows the "

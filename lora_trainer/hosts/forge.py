@@ -263,27 +263,32 @@ class ForgeHost(A1111Host):
         return self._backend("memory_management").get_torch_device()
 
     def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-        cfg, notes = super().prepare_config(cfg)
         sd_model = self._sd_model()
         if sd_model is None or type(sd_model).__name__ != "Flux":
-            return cfg, notes
+            return super().prepare_config(cfg)
         import torch
 
         from .forge_flux import storage_name
 
         self._check_flux_config(cfg)
-        changes = {}
+        changes, notes = {}, []
         storage = storage_name(self._unet(sd_model)) or "its precision"
-        if cfg.fp8_base:
-            changes["fp8_base"] = False
-            notes.append(f"fp8_base: the LoRA trains on the transformer as Forge holds it ({storage}); set 'Diffusion "
-                         f"in Low Bits' in Forge to choose that")
+        for key in ("fp8_base", "nf4_base"):  # said here with Forge's own setting (the base host's note is general)
+            if getattr(cfg, key):
+                changes[key] = False
+                notes.append(f"{key}: the LoRA trains on the transformer as Forge holds it ({storage}); set "
+                             f"'Diffusion in Low Bits' in Forge to choose that")
+        if cfg.blocks_to_swap:
+            changes["blocks_to_swap"] = 0
+            notes.append("blocks_to_swap: Forge moves the model between GPU and CPU memory itself (its 'GPU Weights' "
+                         "setting); the run keeps the transformer where Forge put it")
         compute = getattr(self._unet(sd_model), "computation_dtype", None)
         if cfg.mixed_precision == "no" and compute in (torch.float16, torch.bfloat16):
             changes["mixed_precision"] = "fp16" if compute == torch.float16 else "bf16"
             notes.append(f"Forge computes this FLUX.1 model in {str(compute).replace('torch.', '')}: training with "
                          f"mixed_precision {changes['mixed_precision']} (the LoRA itself stays float32)")
-        return (cfg.replace(**changes) if changes else cfg), notes
+        cfg, base_notes = super().prepare_config(cfg.replace(**changes) if changes else cfg)
+        return cfg, notes + base_notes
 
     @staticmethod
     def _check_flux_config(cfg: TrainConfig) -> None:

@@ -25,15 +25,37 @@ def is_4bit(tensor) -> bool:
 
 
 def dequantize_nf4(weight) -> torch.Tensor:
-    """The float weight of a bitsandbytes 4-bit Params4bit (bitsandbytes dequantizes on CUDA only)."""
-    if weight.device.type != "cuda":
-        raise RuntimeError("nf4 weights are dequantized by bitsandbytes on a CUDA GPU; this one is on "
-                           f"{weight.device}. Train on the GPU, or load the model in fp8 / bf16.")
+    """The float weight of a bitsandbytes 4-bit Params4bit, on the weight's device (bitsandbytes >= 0.46
+    dequantizes on the CPU too; older releases on CUDA only)."""
     try:
         from bitsandbytes.functional import dequantize_4bit
     except ImportError as exc:
         raise RuntimeError("nf4 weights need bitsandbytes: pip install bitsandbytes") from exc
-    return dequantize_4bit(weight, quant_state=weight.quant_state)
+    try:
+        return dequantize_4bit(weight, quant_state=weight.quant_state)
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        if weight.device.type == "cuda":
+            raise
+        raise RuntimeError(f"this bitsandbytes cannot dequantize nf4 weights on {weight.device} ({exc}); train on a "
+                           f"CUDA GPU, upgrade bitsandbytes (>= 0.46 runs on the CPU), or use fp8 / bf16") from exc
+
+
+NF4_BLOCK = 64  # weights per absmax; with double quantization the absmax are 8-bit: ~0.52 bytes a weight in all
+
+
+def quantize_nf4(weight: torch.Tensor, device: Optional[torch.device] = None):
+    """`weight` packed as bitsandbytes nf4 with double quantization (QLoRA's storage), quantized on `device` (the
+    GPU is ~100x faster than the CPU at it) and returned where `weight` is, as a frozen Params4bit."""
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import quantize_4bit
+    except ImportError as exc:
+        raise RuntimeError("nf4_base needs bitsandbytes: pip install bitsandbytes") from exc
+    work = weight.detach().to(device if device is not None else weight.device).contiguous()
+    packed, state = quantize_4bit(work, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
+                              compress_statistics=True, quant_type="nf4", bnb_quantized=True)
+    return param.to(weight.device)  # moves the quant_state with it
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,12 +80,12 @@ class _RecastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        w, b = layer.materialize(x.dtype)
+        w, b = layer.materialize(x.dtype, x.device)
         return torch.nn.functional.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
-        w, _ = ctx.layer.materialize(grad.dtype)
+        w, _ = ctx.layer.materialize(grad.dtype, grad.device)
         return grad @ w, None
 
 
@@ -73,9 +95,13 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
     weight, bias: the stored tensors (shared, never copied); rows: output-row ranges of the (dequantized) stored
     weight and of the bias that this layer computes, in order (None: all); scale: a scalar the stored weight is multiplied by (scaled fp8);
     dequantize: stored -> float weight (None: a plain cast). `compute_dtype = None` tells peft (>= 0.15) to leave
-    the LoRA weights in their own precision."""
+    the LoRA weights in their own precision.
+
+    offloaded (offload()): the stored weight stays in CPU memory when the module moves, and each call copies it to
+    the input's device first (block swap: frozen weights streamed in layer by layer, in forward and backward)."""
 
     compute_dtype = None
+    offloaded = False
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], in_features: int, out_features: int,
                  rows: Optional[tuple[tuple[int, int], ...]] = None, scale: Optional[torch.Tensor] = None,
@@ -98,10 +124,20 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
         t = t.to(dtype)
         return torch.cat([t[a:b] for a, b in self.rows])
 
-    def materialize(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        w = self._cut(self.weight if self.dequantize is None else self.dequantize(self.weight), dtype)
+    def _stored(self, device: Optional[torch.device]) -> torch.Tensor:
+        """The stored weight on `device`: itself, or (offloaded) a copy for this call. Params4bit.to moves the
+        (small) quant_state for good and the packed data for this call."""
+        w = self.weight
+        if device is None or w.device == device:
+            return w
+        return w.to(device, non_blocking=True)
+
+    def materialize(self, dtype: torch.dtype, device: Optional[torch.device] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        stored = self._stored(device)
+        w = self._cut(stored if self.dequantize is None else self.dequantize(stored), dtype)
         if self.scale is not None:
-            w = w * self.scale.to(dtype)
+            w = w * self.scale.to(w.device, dtype)
         return w, None if self.bias is None else self._cut(self.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +145,31 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
         x = x.to(dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return _RecastLinear.apply(x, self)
-        w, b = self.materialize(dtype)
+        w, b = self.materialize(dtype, x.device)
         return torch.nn.functional.linear(x, w, b)
+
+    def offload(self) -> int:
+        """Keeps the stored weight in CPU memory from now on (pinned when there is a GPU: faster copies, and
+        copies that need not wait); returns its bytes."""
+        for name in ("weight", "scale"):
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            if tensor.device.type != "cpu":
+                tensor = tensor.to("cpu")
+                setattr(self, name, tensor if isinstance(tensor, torch.nn.Parameter)
+                        else torch.nn.Parameter(tensor, requires_grad=False))
+                tensor = getattr(self, name)
+            if torch.cuda.is_available() and not tensor.is_pinned():
+                tensor.data = tensor.data.pin_memory()
+        self.offloaded = True
+        return self.weight.nbytes
 
     def _apply(self, fn, recurse=True):
         """Moves keep the stored weight's dtype: `module.to(device, dtype)` must not turn fp8 back into bf16
         (a copy of the whole model) nor touch packed nf4 data other than moving it."""
         target = fn(torch.empty(0, device=self.weight.device))
-        stored = {"weight": self.weight, "scale": self.scale}
+        stored = {} if self.offloaded else {"weight": self.weight, "scale": self.scale}
         for name, tensor in stored.items():
             if tensor is not None and tensor.device != target.device:
                 moved = tensor.to(target.device)
@@ -128,7 +181,8 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         kind = "nf4" if is_4bit(self.weight) else str(self.weight.dtype).replace("torch.", "")
-        return f"{super().extra_repr()}, stored={kind}" + (f", rows={self.rows}" if self.rows else "")
+        return (f"{super().extra_repr()}, stored={kind}" + (f", rows={self.rows}" if self.rows else "")
+                + (", offloaded" if self.offloaded else ""))
 
 
 def fp8_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn) -> FrozenLowPrecisionLinear:
@@ -140,19 +194,51 @@ def fp8_linear(linear: torch.nn.Linear, dtype: torch.dtype = torch.float8_e4m3fn
     return FrozenLowPrecisionLinear(weight, bias, linear.in_features, linear.out_features)
 
 
+def nf4_linear(linear: torch.nn.Linear, device: Optional[torch.device] = None) -> FrozenLowPrecisionLinear:
+    """A frozen copy of `linear` with its weight packed in nf4 (quantized on `device`); the bias keeps its precision."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    return FrozenLowPrecisionLinear(quantize_nf4(linear.weight, device), bias, linear.in_features,
+                                    linear.out_features, dequantize=dequantize_nf4)
+
+
+def frozen_linear(linear: torch.nn.Linear) -> FrozenLowPrecisionLinear:
+    """`linear` as a frozen layer on the same tensors (no copy): one that can be offloaded."""
+    if isinstance(linear, FrozenLowPrecisionLinear):
+        return linear
+    bias = None if linear.bias is None else linear.bias.detach()
+    return FrozenLowPrecisionLinear(linear.weight.detach(), bias, linear.in_features, linear.out_features)
+
+
 def set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def to_fp8(model: torch.nn.Module, dtype: torch.dtype = torch.float8_e4m3fn) -> int:
-    """Replaces every nn.Linear of `model` by an fp8-stored frozen one, layer by layer (the peak is one layer's
-    extra copy); returns how many. Other parameters (norms, embeddings) keep their precision."""
+def replace_linears(model: torch.nn.Module, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> int:
+    """Replaces every plain nn.Linear of `model` by make(linear), layer by layer (the peak is one layer's extra
+    copy); returns how many. Other parameters (norms, embeddings) keep their precision."""
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
     with torch.no_grad():
         for name in names:
-            set_module(model, name, fp8_linear(model.get_submodule(name), dtype))
+            set_module(model, name, make(model.get_submodule(name)))
     return len(names)
+
+
+def to_fp8(model: torch.nn.Module, dtype: torch.dtype = torch.float8_e4m3fn) -> int:
+    """Every nn.Linear of `model` stored in fp8 (frozen); returns how many."""
+    return replace_linears(model, lambda linear: fp8_linear(linear, dtype))
+
+
+def to_nf4(model: torch.nn.Module, device: Optional[torch.device] = None) -> int:
+    """Every nn.Linear of `model` stored in nf4 (frozen, quantized on `device`); returns how many."""
+    return replace_linears(model, lambda linear: nf4_linear(linear, device))
+
+
+def offload_linears(module: torch.nn.Module) -> int:
+    """Every Linear of `module` kept in CPU memory and streamed to the compute device per call (frozen layers on
+    the same tensors, fp8 / nf4 kept as they are); returns the bytes that leave the device."""
+    replace_linears(module, frozen_linear)
+    return sum(layer.offload() for layer in low_precision_layers(module))
 
 
 def float_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -185,4 +271,5 @@ def keep_adapters_fp32(layers) -> int:
 
 
 __all__ = ["FrozenLowPrecisionLinear", "FP8_DTYPES", "to_fp8", "fp8_linear", "is_4bit", "dequantize_nf4",
+           "quantize_nf4", "nf4_linear", "to_nf4", "frozen_linear", "offload_linears", "replace_linears",
            "low_precision_layers", "float_dtype", "keep_adapters_fp32", "set_module", "compute_dtype"]

@@ -49,14 +49,17 @@ def meta_model(source, dtype: Optional[torch.dtype] = None) -> BaseModel:
 
 
 def _meta_flux(source):
-    """A FluxModel's modules rebuilt from their configs on the meta device, each in its own precision."""
+    """A FluxModel's modules rebuilt from their configs on the meta device, each in the precision it computes in
+    (an fp8 / nf4 transformer's storage is the model's base_storage, which the planner reads)."""
     import dataclasses
+
+    from .low_precision import float_dtype
 
     with torch.device("meta"):
         transformer = type(source.transformer).from_config(source.transformer.config)
         vae = type(source.vae).from_config(source.vae.config)
-    for meta, real in zip([transformer, vae], [source.transformer, source.vae]):
-        meta.to(_dtype_of(real))
+    transformer.to(source.compute_dtype or float_dtype(source.transformer))
+    vae.to(float_dtype(source.vae))
     encoders = [_meta_text_encoder(te) for te in source.text_encoders]
     return dataclasses.replace(source, transformer=transformer, vae=vae, text_encoders=encoders)
 

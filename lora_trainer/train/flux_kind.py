@@ -1,6 +1,7 @@
 """FLUX.1 as a model kind: rectified-flow objective on packed latents, T5 + CLIP conditioning, FluxPipeline samples."""
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Optional
 
@@ -16,20 +17,16 @@ from .loss import diffusion_loss, sample_noise
 class FluxKind:
     name = "flux"
 
-    def load(self, cfg, log, dtype: Optional[torch.dtype]):
+    def load(self, cfg, log, dtype: Optional[torch.dtype], device: Optional[torch.device] = None):
         from ..models.flux.loader import load_flux
 
         if cfg.min_snr_gamma:
             raise ConfigError("min_snr_gamma weights a DDPM schedule; FLUX.1 trains on a flow schedule: set "
                               "min_snr_gamma: 0 (timestep_sampling shapes which noise levels are trained)")
+        if cfg.nf4_base:
+            check_nf4(device)  # before minutes of loading
         model = load_flux(cfg.base_model, cfg.flux_components, dtype, log)
-        if cfg.fp8_base:
-            from ..models.low_precision import to_fp8
-
-            count = to_fp8(model.transformer, torch.float8_e4m3fn)
-            model.compute_dtype, model.base_storage = dtype or torch.float32, "float8_e4m3fn"
-            log(f"fp8_base: {count} frozen transformer layers stored in float8_e4m3fn, computed in "
-                f"{str(model.compute_dtype).replace('torch.', '')}")
+        store_frozen_transformer(model, cfg, dtype or torch.float32, device, log)
         return model
 
     def configure(self, model, cfg) -> None:
@@ -79,6 +76,40 @@ class FluxKind:
         from .sampling import save_samples
 
         return save_samples(model, prompts, folder, tag, render_fn=partial(render_flux, text=text), **kwargs)
+
+
+def check_nf4(device: Optional[torch.device]) -> None:
+    """nf4_base needs bitsandbytes, and one that quantizes on this device: said before the model loads."""
+    from ..models.low_precision import dequantize_nf4, quantize_nf4
+
+    try:
+        dequantize_nf4(quantize_nf4(torch.ones(64, 64), device))
+    except RuntimeError as exc:
+        raise ConfigError(f"nf4_base: {exc}") from None
+
+
+def store_frozen_transformer(model, cfg, compute: torch.dtype, device: Optional[torch.device], log) -> None:
+    """The frozen transformer as the config asks: fp8 or nf4 storage (each Linear cast / dequantized per call),
+    then the last blocks_to_swap blocks' weights kept in CPU memory."""
+    from ..models import low_precision as lp
+
+    transformer = model.transformer
+    if cfg.fp8_base or cfg.nf4_base:
+        storage = "float8_e4m3fn" if cfg.fp8_base else "nf4"
+        started = time.perf_counter()
+        if cfg.fp8_base:
+            count = lp.to_fp8(transformer, torch.float8_e4m3fn)
+        else:  # quantized on the GPU when there is one: the CPU takes minutes for 12B weights
+            count = lp.to_nf4(transformer, device if device is not None and device.type == "cuda" else None)
+        model.compute_dtype, model.base_storage = compute, storage
+        log(f"{'fp8_base' if cfg.fp8_base else 'nf4_base'}: {count} frozen transformer layers stored in {storage}, "
+            f"computed in {str(compute).replace('torch.', '')} ({time.perf_counter() - started:.0f} s)")
+    if cfg.blocks_to_swap:
+        from ..models.flux.block_swap import swap_blocks
+
+        blocks, size = swap_blocks(transformer, cfg.blocks_to_swap)
+        log(f"blocks_to_swap: {cfg.blocks_to_swap}: the frozen weights of {blocks} transformer blocks "
+            f"({size / 2 ** 30:.2f} GiB) stay in CPU memory and are copied to the GPU layer by layer as they run")
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 step traced on the meta device (memory_plan.py does the counting; this module says what a Flux step runs).
 
 What a Flux run holds on its device (Trainer._place_model, FluxKind):
-- the transformer in the training precision (bf16 under mixed precision), or 1 byte a parameter with fp8_base
-  (stored in float8, each layer upcast as it runs: the upcast copy is a per-layer temporary, not kept);
+- the transformer in the training precision (bf16 under mixed precision), or its Linear weights at 1 byte each
+  with fp8_base, ~0.52 with nf4_base (each layer upcast / dequantized as it runs: a per-layer temporary, not
+  kept), less the blocks blocks_to_swap keeps in CPU memory (streamed in a layer at a time);
 - CLIP-L and T5-XXL only while they encode, when they are frozen and the captions can be listed: every caption
   and sample prompt is encoded before training (kinds.encode_all_text), with the transformer still on the CPU,
   and the encoders then leave the device. When the text encoder trains, when shuffle_caption /
@@ -35,18 +36,37 @@ def text_encoders_released(cfg: TrainConfig, resident: bool) -> bool:
     return not resident and FluxKind().releases_text_encoders(cfg) and not CaptionOptions.from_config(cfg).rearranges
 
 
+# bytes a frozen Linear weight takes in each storage the transformer can have (nf4: 4 bits plus, with double
+# quantization, an 8-bit absmax per 64 weights and their fp32 scales per 256 absmax)
+STORED_BYTES = {"float8_e4m3fn": 1.0, "float8_e5m2": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "fp4": 0.5 + 1 / 64}
+
+
+def linear_weight_bytes(module, rate: Optional[float]) -> int:
+    """Bytes of `module`'s Linear weights stored at `rate` bytes each (None: as they are)."""
+    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    if rate is None:
+        return sum(w.numel() * w.element_size() for w in weights)
+    return int(sum(w.numel() for w in weights) * rate)
+
+
 def flux_weights(model, cfg: TrainConfig, resident: bool = False) -> tuple[int, int]:
-    """(bytes of the frozen weights on the device while training, bytes of the text encoders among them). fp8_base
-    (when the config has the key) stores the transformer at 1 byte a parameter; the meta transformer is then
-    traced in bf16 as it runs. Released text encoders are not counted: they encode before the transformer comes."""
+    """(bytes of the frozen weights on the device while training, bytes of the text encoders among them).
+
+    The meta transformer is in its compute precision. Its Linear weights are counted as stored: fp8_base / nf4_base
+    (our load), or a host's storage (model.base_storage); blocks_to_swap's blocks not at all (they stay in CPU
+    memory, one layer at a time is copied in). Released text encoders are not counted: they encode before the
+    transformer comes."""
+    from ..models.flux.block_swap import swapped_blocks
+
     transformer = model.transformer
-    stored_fp8 = next(transformer.parameters()).element_size() == 1  # a host's float8 weights
-    if cfg.fp8_base or stored_fp8:
-        denoiser = sum(p.numel() for p in transformer.parameters())
-    else:
-        denoiser = _nbytes(transformer)
-    if stored_fp8:
-        transformer.to(torch.bfloat16)  # the meta copy computes as the real one does: in bf16, layer by layer
+    storage = "float8_e4m3fn" if cfg.fp8_base else "nf4" if cfg.nf4_base else model.base_storage
+    rate = STORED_BYTES.get(storage)
+    denoiser = _nbytes(transformer) - linear_weight_bytes(transformer, None) + linear_weight_bytes(transformer, rate)
+    swapped = swapped_blocks(transformer, cfg.blocks_to_swap)
+    if swapped:  # off the device, but for the one layer being copied in at a time
+        denoiser -= sum(linear_weight_bytes(block, rate) for block in swapped)
+        denoiser += max(linear_weight_bytes(m, rate) for block in swapped for m in block.modules()
+                        if isinstance(m, torch.nn.Linear))
     text = 0 if text_encoders_released(cfg, resident) else _nbytes(*model.text_encoders)
     return denoiser + text + _nbytes(model.vae), text
 

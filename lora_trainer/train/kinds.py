@@ -67,13 +67,16 @@ class SDKind:
     name = "sd"
     card_versions = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
-    def load(self, cfg, log, dtype: Optional[torch.dtype]):
+    def load(self, cfg, log, dtype: Optional[torch.dtype], device: Optional[torch.device] = None):
         from ..config import ConfigError
         from ..models.loader import load_base_model
 
-        if cfg.fp8_base:
-            raise ConfigError("fp8_base stores a FLUX.1 transformer in fp8; this is a Stable Diffusion model: set "
-                              "fp8_base: false (or train a FLUX.1 model)")
+        for key, what in (("fp8_base", "stores a FLUX.1 transformer in fp8"),
+                          ("nf4_base", "stores a FLUX.1 transformer in nf4"),
+                          ("blocks_to_swap", "keeps FLUX.1 transformer blocks in CPU memory")):
+            if getattr(cfg, key):
+                raise ConfigError(f"{key} {what}; this is a Stable Diffusion model: set {key}: "
+                                  f"{0 if key == 'blocks_to_swap' else 'false'} (or train a FLUX.1 model)")
         return load_base_model(cfg.base_model, cfg.model_family, cfg.v_parameterization, cfg.vae, log_fn=log,
                                dtype=dtype)
 

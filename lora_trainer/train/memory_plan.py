@@ -418,13 +418,17 @@ FIXES: list[tuple[str, Callable[[TrainConfig], Optional[TrainConfig]]]] = [
     ("turn on gradient checkpointing (slower steps, same result)",
      lambda c: None if c.gradient_checkpointing else c.replace(gradient_checkpointing=True)),
     ("store the frozen transformer in fp8 (fp8_base: true; FLUX.1, about half its bf16 size)",
-     lambda c: None if c.fp8_base else c.replace(fp8_base=True)),
+     lambda c: None if c.fp8_base or c.nf4_base else c.replace(fp8_base=True)),
     ("cache latents (the VAE then runs once per image, before training)",
      lambda c: None if c.cache_latents else c.replace(cache_latents=True)),
     ("use 8-bit AdamW (needs bitsandbytes)",
      lambda c: c.replace(optimizer="adamw8bit") if c.optimizer in ("adamw", "prodigy") else None),
     ("halve the batch size and double gradient accumulation (same effective batch)", _halve_batch),
     ("do not train the text encoder", lambda c: c.replace(train_text_encoder=False) if c.train_text_encoder else None),
+    *[(f"keep {n} transformer blocks' weights in CPU memory (blocks_to_swap: {n}; FLUX.1: slower steps, same result)",
+       lambda c, n=n: c.replace(blocks_to_swap=n) if c.blocks_to_swap < n else None) for n in (8, 16, 24, 30)],
+    ("store the frozen transformer in 4-bit nf4 (nf4_base: true; FLUX.1, a quarter of its bf16 size, a little less "
+     "faithful; needs bitsandbytes)", lambda c: None if c.nf4_base else c.replace(nf4_base=True, fp8_base=False)),
     ("train at a lower resolution", _lower_resolution),
 ]
 
@@ -469,7 +473,9 @@ def plan_memory(source, cfg: TrainConfig, device: torch.device, resident: bool,
 
         can_8bit = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
     for words, change in FIXES:
-        if "8-bit" in words and not can_8bit or "fp8_base" in words and getattr(source, "family", "") != "flux":
+        # FLUX.1's storage and swap fixes are for our own load: a host's model stays as the host holds it
+        flux_own = getattr(source, "family", "") == "flux" and not resident
+        if "bitsandbytes" in words and not can_8bit or "FLUX.1" in words and not flux_own:
             continue
         changed = change(cfg)
         if changed is None:

@@ -139,7 +139,7 @@ class Trainer:
     def _load_model(self, weights_dtype: torch.dtype) -> BaseModel:
         if self.model is None:
             self.cfg.require("base_model")
-            self.model = kind_for_config(self.cfg).load(self.cfg, self.log, weights_dtype)
+            self.model = kind_for_config(self.cfg).load(self.cfg, self.log, weights_dtype, self.device)
         self.kind = kind_of(self.model)  # the family-specific parts of the run
         self.kind.configure(self.model, self.cfg)
         return self.model

@@ -4,9 +4,14 @@ What the Flux LoRA community starts from (kohya's flux_train_network examples, t
 guides): rank 16 with alpha 16, learning rate 1e-4 with (8-bit) AdamW, batch 1, gradient checkpointing always
 (without it the 12B transformer's activations alone are 20+ GiB at 512 px: bench/bench_flux_memory.py), only the
 transformer trained (T5 cannot be, CLIP rarely is), dev trained at guidance 1.0 with logit-normal (sigmoid)
-timesteps, samples at guidance 3.5 over 20 steps. The transformer is stored in fp8 (fp8_base, where this version
-has the key) on every GPU tier: in bf16 it is 22 GiB, and kohya notes that bf16 + checkpointing at 1024 px needs
-more than 26 GB even with the text encoders' outputs cached. 1024 px from 24 GB, 512 px below.
+timesteps, samples at guidance 3.5 over 20 steps. The transformer is stored in fp8 (fp8_base) on every GPU tier:
+in bf16 it is 22 GiB, and kohya notes that bf16 + checkpointing at 1024 px needs more than 26 GB even with the
+text encoders' outputs cached. 1024 px from 24 GB, 512 px below; below 16 GB the last transformer blocks' weights
+stay in CPU memory (blocks_to_swap, kohya's way for 12 GB and less: slower steps, the same LoRA). The counts are
+the planner's (bench/bench_flux_memory.py): 10 GB and 6 GB cards keep at least half a GiB free (18 is also
+kohya's own default when swapping). nf4_base is the other way
+down (a quarter of bf16, no swapping, slightly less faithful weights); the planner names it when swapping is
+not enough.
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ STEPS = {"style": 2000, "character": 1500, "concept": 1000}
 
 # resolution, optimizer and fp8 storage of the transformer per tier (the rest is the same on every tier)
 TIERS = {
-    "6-8 GB": dict(resolution=512, fp8_base=True, cache_latents_to_disk=True),
-    "10-12 GB": dict(resolution=512, fp8_base=True, cache_latents_to_disk=True),
+    "6-8 GB": dict(resolution=512, fp8_base=True, blocks_to_swap=30, cache_latents_to_disk=True),
+    "10-12 GB": dict(resolution=512, fp8_base=True, blocks_to_swap=18, cache_latents_to_disk=True),
     "16 GB": dict(resolution=512, fp8_base=True, cache_latents_to_disk=True),
     "24 GB+": dict(resolution=1024, fp8_base=True),
     "CPU / test": dict(resolution=256, fp8_base=False, mixed_precision="no", optimizer="adamw", max_train_steps=50),
