@@ -159,3 +159,14 @@ def test_nf4_base_trains_a_float_lora_on_a_4bit_transformer(deep_flux_dir, tmp_p
     trainer, (both, _), said = _run(deep_flux_dir, data, tmp_path / "both", nf4_base=True, blocks_to_swap=2,
                                     mixed_precision="bf16")
     assert both.keys() == float_run.keys() and "stored in nf4" in said and "blocks_to_swap: 2" in said
+
+
+def test_dora_on_a_swapped_base_is_refused_with_what_to_change():
+    from test_flux_network import _bundle
+
+    from lora_trainer.network.base import create_network
+
+    model = _bundle(num_double=2, num_single=4)
+    swap_blocks(model.unet, 2)
+    with pytest.raises(ConfigError, match="streamed from CPU memory.*blocks_to_swap: 0"):
+        create_network(model, base_config(use_dora=True))

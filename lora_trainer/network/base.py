@@ -171,6 +171,7 @@ def create_network(model, cfg: TrainConfig):
 
     if low_precision_layers(model.unet):
         raise ConfigError(f"network_type {cfg.network_type}{' (DoRA)' if cfg.use_dora else ''} needs the base "
-                          f"weights in full: this base is stored in fp8 / nf4. Train a plain LoRA (network_type: "
-                          f"lora, use_dora: false), or a bf16 / fp16 base (fp8_base: false)")
+                          f"weights in full on the device: this base is stored in fp8 / nf4 or streamed from CPU "
+                          f"memory. Train a plain LoRA (network_type: lora, use_dora: false), or a bf16 / fp16 base "
+                          f"kept on the device (fp8_base: false, nf4_base: false, blocks_to_swap: 0)")
     return AdaptedNetwork(model, cfg)
