@@ -31,7 +31,8 @@ LABELS = {"output_name": "LoRA name", "caption_prefix": "Trigger word (put first
           "log_with": "Training log", "overwrite": "Replace an existing LoRA of the same name"}
 # Words of config keys as a person says them (labels); the key itself is in each field's tooltip.
 WORDS = {"lora": "LoRA", "lr": "LR", "snr": "SNR", "vae": "VAE", "dora": "DoRA", "reso": "resolution", "n": "N",
-         "te": "TE", "clip": "CLIP", "cfg": "CFG", "aug": "augmentation", "dir": "folder", "8bit": "8-bit"}
+         "te": "TE", "clip": "CLIP", "cfg": "CFG", "aug": "augmentation", "dir": "folder", "8bit": "8-bit",
+         "fp8": "FP8", "nf4": "NF4", "t5xxl": "T5-XXL"}
 # Tooltips that would mention the CLI's text-generation mode
 TAB_HELP = {"init_lora_weights": "continue training an existing LoRA .safetensors file (same family and rank)",
             "target_modules": "module names to adapt (default: kohya's targets)"}
