@@ -297,6 +297,11 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 1
 _FORBIDDEN_CHARS = set('/\\<>:"|?*')
 
 
+# how the trainer stores a FLUX.1 transformer it loads itself, with each key's off value: a WebUI's model is trained
+# as the WebUI holds it, and a Stable Diffusion model has no such transformer
+FLUX_OWN_LOAD = {"fp8_base": False, "nf4_base": False, "blocks_to_swap": 0}
+
+
 def check_output_name(name: str) -> None:
     """output_name becomes a file name in the run folder and in the WebUI's LoRA folder, on any OS: one plain
     path component, checked here so a run never trains for an hour and then fails at the final save."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from ..config import ConfigError, TrainConfig
+from ..config import FLUX_OWN_LOAD, ConfigError, TrainConfig
 from ..fsutil import file_sha256
 
 # Intermediate checkpoints copied into the host's LoRA folder for previews go into this sub-folder, each
@@ -31,10 +31,6 @@ from ..fsutil import file_sha256
 # version under an old name could preview the old weights.
 PREVIEW_SUBDIR = "lora-trainer-previews"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-
-
-# settings of how the trainer stores a FLUX.1 transformer it loads itself (their off values)
-OWN_LOAD_ONLY = {"fp8_base": False, "nf4_base": False, "blocks_to_swap": 0}
 
 
 class HostError(RuntimeError):
@@ -186,16 +182,20 @@ class Host(ABC):
             raise ConfigError("task_type: the Train LoRA tab trains Stable Diffusion LoRAs (text-to-image); train "
                               "text-generation LoRAs with `python -m lora_trainer train`")
         notes = []
-        own_load = {key: value for key, value in OWN_LOAD_ONLY.items() if getattr(cfg, key)}
+        own_load = {key: off for key, off in FLUX_OWN_LOAD.items() if getattr(cfg, key)}
         if own_load:  # the host's model is trained as the host holds it
             cfg = cfg.replace(**own_load)
-            notes.extend(f"{key}: the LoRA trains on the model as the WebUI holds it ({key} is for the command "
-                         f"line's own loading of a FLUX.1 model)" for key in own_load)
+            notes.extend(self.own_load_note(key) for key in own_load)
         if cfg.log_with == "tensorboard" and not _importable("tensorboard"):
             cfg = cfg.replace(log_with="none")
             notes.append("tensorboard is not installed here, so no TensorBoard log is written (the tab shows the "
                          "loss curve; pip install tensorboard to get one)")
         return cfg, notes
+
+    def own_load_note(self, key: str) -> str:
+        """Why a FLUX_OWN_LOAD key is turned off for this host's model (a host may name its own setting)."""
+        return (f"{key}: the LoRA trains on the model as the WebUI holds it ({key} is for the command line's own "
+                f"loading of a FLUX.1 model)")
 
     def base_model(self, family: str = "auto", log: Callable[[str], None] = print):
         """The engine's BaseModel on the host's weights (diffusers modules that share the host's tensors)."""

@@ -262,33 +262,39 @@ class ForgeHost(A1111Host):
     def _device(self):
         return self._backend("memory_management").get_torch_device()
 
-    def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    def _flux_model(self):
         sd_model = self._sd_model()
-        if sd_model is None or type(sd_model).__name__ != "Flux":
-            return super().prepare_config(cfg)
-        import torch
+        return sd_model if sd_model is not None and type(sd_model).__name__ == "Flux" else None
 
+    def own_load_note(self, key: str) -> str:
+        """On Forge's FLUX.1 the note names the Forge setting that does the same."""
+        sd_model = self._flux_model()
+        if sd_model is None:
+            return super().own_load_note(key)
+        if key == "blocks_to_swap":
+            return ("blocks_to_swap: Forge moves the model between GPU and CPU memory itself (its 'GPU Weights' "
+                    "setting); the run keeps the transformer where Forge put it")
         from .forge_flux import storage_name
 
-        self._check_flux_config(cfg)
-        changes, notes = {}, []
         storage = storage_name(self._unet(sd_model)) or "its precision"
-        for key in ("fp8_base", "nf4_base"):  # said here with Forge's own setting (the base host's note is general)
-            if getattr(cfg, key):
-                changes[key] = False
-                notes.append(f"{key}: the LoRA trains on the transformer as Forge holds it ({storage}); set "
-                             f"'Diffusion in Low Bits' in Forge to choose that")
-        if cfg.blocks_to_swap:
-            changes["blocks_to_swap"] = 0
-            notes.append("blocks_to_swap: Forge moves the model between GPU and CPU memory itself (its 'GPU Weights' "
-                         "setting); the run keeps the transformer where Forge put it")
+        return (f"{key}: the LoRA trains on the transformer as Forge holds it ({storage}); set 'Diffusion in Low "
+                f"Bits' in Forge to choose that")
+
+    def prepare_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        cfg, notes = super().prepare_config(cfg)
+        sd_model = self._flux_model()
+        if sd_model is None:
+            return cfg, notes
+        import torch
+
+        self._check_flux_config(cfg)
         compute = getattr(self._unet(sd_model), "computation_dtype", None)
         if cfg.mixed_precision == "no" and compute in (torch.float16, torch.bfloat16):
-            changes["mixed_precision"] = "fp16" if compute == torch.float16 else "bf16"
+            mixed = "fp16" if compute == torch.float16 else "bf16"
+            cfg = cfg.replace(mixed_precision=mixed)
             notes.append(f"Forge computes this FLUX.1 model in {str(compute).replace('torch.', '')}: training with "
-                         f"mixed_precision {changes['mixed_precision']} (the LoRA itself stays float32)")
-        cfg, base_notes = super().prepare_config(cfg.replace(**changes) if changes else cfg)
-        return cfg, notes + base_notes
+                         f"mixed_precision {mixed} (the LoRA itself stays float32)")
+        return cfg, notes
 
     @staticmethod
     def _check_flux_config(cfg: TrainConfig) -> None:

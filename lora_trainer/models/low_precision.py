@@ -151,17 +151,10 @@ class FrozenLowPrecisionLinear(torch.nn.Linear):
     def offload(self) -> int:
         """Keeps the stored weight in CPU memory from now on (pinned when there is a GPU: faster copies, and
         copies that need not wait); returns its bytes."""
-        for name in ("weight", "scale"):
-            tensor = getattr(self, name)
-            if tensor is None:
-                continue
-            if tensor.device.type != "cpu":
-                tensor = tensor.to("cpu")
-                setattr(self, name, tensor if isinstance(tensor, torch.nn.Parameter)
-                        else torch.nn.Parameter(tensor, requires_grad=False))
-                tensor = getattr(self, name)
-            if torch.cuda.is_available() and not tensor.is_pinned():
-                tensor.data = tensor.data.pin_memory()
+        for tensor in (self.weight, self.scale):
+            if tensor is not None:
+                data = tensor.data.to("cpu")
+                tensor.data = data.pin_memory() if torch.cuda.is_available() and not data.is_pinned() else data
         self.offloaded = True
         return self.weight.nbytes
 

@@ -68,15 +68,13 @@ class SDKind:
     card_versions = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
     def load(self, cfg, log, dtype: Optional[torch.dtype], device: Optional[torch.device] = None):
-        from ..config import ConfigError
+        from ..config import FLUX_OWN_LOAD, ConfigError
         from ..models.loader import load_base_model
 
-        for key, what in (("fp8_base", "stores a FLUX.1 transformer in fp8"),
-                          ("nf4_base", "stores a FLUX.1 transformer in nf4"),
-                          ("blocks_to_swap", "keeps FLUX.1 transformer blocks in CPU memory")):
+        for key, off in FLUX_OWN_LOAD.items():
             if getattr(cfg, key):
-                raise ConfigError(f"{key} {what}; this is a Stable Diffusion model: set {key}: "
-                                  f"{0 if key == 'blocks_to_swap' else 'false'} (or train a FLUX.1 model)")
+                raise ConfigError(f"{key} is for a FLUX.1 transformer; this is a Stable Diffusion model: set {key}: "
+                                  f"{str(off).lower()} (or train a FLUX.1 model)")
         return load_base_model(cfg.base_model, cfg.model_family, cfg.v_parameterization, cfg.vae, log_fn=log,
                                dtype=dtype)
 
